@@ -1,0 +1,75 @@
+"""The adapter interface: what each MLLM architecture must provide, and the registry by HF class name.
+
+An :class:`Adapter` is an ``nn.Module`` holding the architecture's image encoder (vision tower + projector),
+and knows how to (1) find the text config and decoder inside the HF model, (2) turn images into the encoder's
+inputs and a token count per image, (3) encode them into ``[img_tok, d_model]`` features injected at the image
+positions, and (4) the default chat layout. One file per architecture registers itself with
+:func:`register_adapter`; the loader looks the HF class name up in :data:`ADAPTERS` (no if/elif chains).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .._types import Float
+from ..errors import UnsupportedArchitectureError
+from ..prompts import ChatTemplate
+
+ADAPTERS: dict[str, type["Adapter"]] = {}
+
+
+def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
+    """Class decorator: register an adapter under its ``hf_class`` name(s)."""
+    for name in cls.hf_classes:
+        ADAPTERS[name] = cls
+    return cls
+
+
+def adapter_for(hf_class_name: str) -> type["Adapter"]:
+    from . import llava  # noqa: F401  (architectures register on import)
+
+    if hf_class_name not in ADAPTERS:
+        raise UnsupportedArchitectureError(
+            f"Architecture {hf_class_name!r} is not supported. Supported architectures: {sorted(ADAPTERS)}. "
+            "Add one file under modality_circuits/models/ that subclasses Adapter and is decorated with "
+            "@register_adapter.")
+    return ADAPTERS[hf_class_name]
+
+
+class Adapter(nn.Module):
+    """Architecture-specific parts of a HookedMLLM. Subclasses set ``hf_classes`` and implement the methods."""
+
+    hf_classes: ClassVar[tuple[str, ...]] = ()
+    image_token: str
+    image_token_id: int
+
+    # ---------------------------------------------------------------- structure
+    @staticmethod
+    def text_config(hf_config: Any) -> Any:
+        """The HF config of the language model inside the multimodal config."""
+        raise NotImplementedError
+
+    @staticmethod
+    def language_model(hf_model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(decoder body with ``embed_tokens``/``layers``/``norm``, ``lm_head``) of the HF model."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------- images
+    def process_images(self, images: list[Any]) -> tuple[dict[str, Any], list[int]]:
+        """PIL images (or pixel tensors) -> (encoder inputs, number of image tokens per image)."""
+        raise NotImplementedError
+
+    def encode_images(self, **model_inputs: Any) -> Float[Tensor, "img_tok d_model"]:
+        """Encoder inputs -> projected features, flattened over images in order of appearance."""
+        raise NotImplementedError
+
+    def default_template(self) -> ChatTemplate:
+        return ChatTemplate()
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")

@@ -1,0 +1,287 @@
+"""HookedMLLM: an HF multimodal LLM as a real ``transformer_lens.HookedTransformer`` plus an image encoder.
+
+The language model *is* the HookedTransformer (this class subclasses it), so every TransformerLens hook
+name, ``run_with_cache``, ``run_with_hooks``, ``hooks()``, ``start_at_layer``/``stop_at_layer`` and the weight
+processing options work unchanged. The architecture's :class:`~modality_circuits.models.base.Adapter`
+(``self.image_encoder``) turns images into features that are injected at the image-token positions::
+
+    tokens ──embed──► hook_embed ─┐
+    images ──image_encoder──► hook_image_embeds [img_tok, d_model] ─┴─► masked scatter ─► blocks.0.hook_resid_pre
+
+Inputs are an :class:`~modality_circuits.prompts.MLLMBatch` (from :meth:`HookedMLLM.prepare`), or token ids
+plus encoder inputs (``pixel_values=…``), or a prompt string with ``<image>`` placeholders plus images.
+Batches are left-padded with an attention mask; rotary positions follow the mask (padding-invariant).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.hook_points import HookPoint
+
+from .._types import Float, Int
+from ..errors import ImageTokenMismatchError, NumericalError
+from ..prompts import ChatTemplate, MLLMBatch, Segment, build_batch, split_placeholders
+from .base import Adapter
+from .decoders import build_cfg, check_state_dict, convert_decoder
+
+logger = logging.getLogger(__name__)
+
+ImageLike = Any  # PIL.Image.Image | Tensor[C, H, W]
+
+
+class HookedMLLM(HookedTransformer):
+    """A multimodal LLM in TransformerLens form. Build with :meth:`from_pretrained` or :meth:`from_hf`."""
+
+    image_encoder: Adapter
+
+    def __init__(self, cfg: Any, image_encoder: Adapter, tokenizer: Any, template: ChatTemplate | None = None,
+                 source: str = "<in-memory>"):
+        # The tokenizer is attached by hand: TL's set_tokenizer may re-load it by name from the hub.
+        super().__init__(cfg, tokenizer=None, move_to_device=False)
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.image_encoder = image_encoder
+        self.hook_image_embeds = HookPoint()  # [img_tok, d_model]
+        self.template = template or image_encoder.default_template()
+        self.source = source
+        self.setup()
+
+    # ================================================================== loading
+    @classmethod
+    def from_hf(cls, hf_model: torch.nn.Module, tokenizer: Any, image_processor: Any = None, *,
+                dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                template: ChatTemplate | None = None, fold_ln: bool = False, center_writing_weights: bool = False,
+                center_unembed: bool = False, fold_value_biases: bool = False, source: str = "<in-memory>",
+                ) -> "HookedMLLM":
+        """Convert an in-memory HF MLLM. The HF decoder's weights are copied; the vision parts are shared.
+
+        Weight processing (``fold_ln`` …) is off by default so logits equal HF's; turn it on as in TL.
+        """
+        from .base import adapter_for
+
+        adapter_cls = adapter_for(type(hf_model).__name__)
+        dtype = dtype or next(hf_model.parameters()).dtype
+        device = device or next(hf_model.parameters()).device
+        text_cfg = adapter_cls.text_config(hf_model.config)
+        cfg = build_cfg(text_cfg, dtype=dtype, device=device)
+        body, lm_head = adapter_cls.language_model(hf_model)
+        state_dict = convert_decoder(body, lm_head, cfg, text_cfg)
+        adapter = adapter_cls(hf_model, tokenizer, image_processor)
+        model = cls(cfg, adapter, tokenizer, template=template, source=source)
+        check_state_dict(model, state_dict)
+        model.load_and_process_state_dict(
+            state_dict, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+        model.to(torch.device(device), print_details=False)
+        model.to(dtype, print_details=False)
+        model.eval()
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str = torch.float32,  # type: ignore[override]
+                        device: str | torch.device = "cpu", allow_pickle: bool = False, **kwargs: Any,
+                        ) -> "HookedMLLM":
+        """Load a local HF checkpoint directory (safetensors; never the hub).
+
+        Args:
+            path: directory with ``config.json``, ``*.safetensors``, tokenizer files (and optionally
+                ``preprocessor_config.json`` and ``prompt_template.json``).
+            dtype: ``torch.float32`` (exact comparisons), ``bfloat16`` or ``float16``.
+            allow_pickle: load a pickle ``.bin`` checkpoint (unsafe: it can run code) if no safetensors exist.
+            **kwargs: forwarded to :meth:`from_hf` (``fold_ln``, ``template`` …).
+        """
+        from .loading import load_hf_checkpoint
+
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        hf_model, tokenizer, image_processor, template = load_hf_checkpoint(path, dtype=dtype,
+                                                                            allow_pickle=allow_pickle)
+        kwargs.setdefault("template", template)
+        model = cls.from_hf(hf_model, tokenizer, image_processor, dtype=dtype, device=device,
+                            source=str(Path(path).resolve()), **kwargs)
+        return model
+
+    def move_model_modules_to_device(self) -> None:
+        super().move_model_modules_to_device()
+        if hasattr(self, "image_encoder"):
+            self.image_encoder.to(self.cfg.device)
+
+    # ================================================================== prompts
+    def prepare(self, prompts: Sequence[Any], images: Sequence[Sequence[ImageLike]] | None = None,
+                template: ChatTemplate | None = None) -> MLLMBatch:
+        """Build a batch with spans from samples, segment lists, or plain prompts.
+
+        Args:
+            prompts: a list of (a) samples with a ``segments()`` method (see :mod:`modality_circuits.data`),
+                (b) lists of :class:`Segment`, or (c) strings with ``<image>`` placeholders (then ``images``
+                gives each prompt's images, and the text is used as is, without chat template).
+            template: override the model's chat layout (``ChatTemplate``).
+        """
+        if isinstance(prompts, (str, Segment)) or (prompts and hasattr(prompts, "segments")):
+            prompts = [prompts]
+        template = template or self.template
+        samples = None
+        if all(hasattr(p, "segments") for p in prompts):
+            samples = list(prompts)
+            segs = [p.segments() for p in prompts]
+        elif all(isinstance(p, str) for p in prompts):
+            images = images if images is not None else [[] for _ in prompts]
+            if len(images) != len(prompts):
+                raise ImageTokenMismatchError(f"Got {len(prompts)} prompts but {len(images)} image lists.")
+            segs = [split_placeholders(p, ims, self.image_encoder.image_token) for p, ims in zip(prompts, images)]
+            template = ChatTemplate(system="", user_prefix="", sep="", image_sep="", assistant_prefix="")
+        else:
+            segs = [list(p) for p in prompts]
+        batch = build_batch(segs, self.tokenizer, template, self.image_encoder.image_token,
+                            self.image_encoder.process_images, samples=samples)
+        return batch.to(self.cfg.device)
+
+    # ================================================================== forward
+    def embed_inputs(self, tokens: Int[Tensor, "batch pos"], image_features: Tensor | None = None,
+                     **encoder_inputs: Any) -> Float[Tensor, "batch pos d_model"]:
+        """Token embeddings with the projected image features scattered in at the image positions."""
+        if self.cfg.use_hook_tokens:
+            tokens = self.hook_tokens(tokens)
+        image_mask = tokens == self.image_encoder.image_token_id
+        safe = tokens.masked_fill(image_mask, 0) if self.image_encoder.image_token_id >= self.cfg.d_vocab else tokens
+        embed = self.hook_embed(self.embed(safe))  # [batch, pos, d_model]
+        n_img_tok = int(image_mask.sum())
+        if n_img_tok == 0:
+            pv = encoder_inputs.get("pixel_values")
+            if (image_features is not None and len(image_features)) or (pv is not None and len(pv)):
+                raise ImageTokenMismatchError(
+                    "Images were given but the prompt has no image tokens; put one image placeholder per image "
+                    "in the prompt (model.prepare(...) does this for Segment(name='image', image=...)).")
+            return embed
+        if image_features is None:
+            if encoder_inputs.get("pixel_values") is None:
+                raise ImageTokenMismatchError(
+                    f"The tokens hold {n_img_tok} image token(s) but no images were given; pass the batch from "
+                    "model.prepare(...) or pixel_values=... .")
+            image_features = self.image_encoder.encode_images(**encoder_inputs)
+        image_features = self.hook_image_embeds(image_features)  # [img_tok, d_model]
+        if image_features.shape[0] != n_img_tok:
+            raise ImageTokenMismatchError(
+                f"The prompt has {n_img_tok} image tokens but the images gave {image_features.shape[0]} features. "
+                "Each image needs exactly its token count of placeholders; build prompts with model.prepare().")
+        return embed.masked_scatter(image_mask[..., None], image_features.to(embed.dtype))
+
+    def forward(self, input: Any, images: Sequence[Sequence[ImageLike]] | None = None, *,  # type: ignore[override]
+                return_type: str | None = "logits", attention_mask: Tensor | None = None,
+                start_at_layer: int | None = None, stop_at_layer: int | None = None,
+                past_kv_cache: TransformerLensKeyValueCache | None = None, tokens: Tensor | None = None,
+                loss_per_token: bool = False, image_features: Tensor | None = None, check_finite: bool = False,
+                **encoder_inputs: Any) -> Any:
+        """Forward pass (TL semantics) with images.
+
+        Args:
+            input: an :class:`MLLMBatch`; token ids ``[batch, pos]`` (pass ``pixel_values=`` for image
+                tokens); a prompt string/list with ``<image>`` placeholders (with ``images``); or, with
+                ``start_at_layer``, the residual stream ``[batch, pos, d_model]``.
+            return_type: ``"logits"`` ``[batch, pos, vocab]``, ``"loss"``, ``"both"`` or ``None``.
+            attention_mask: ``[batch, pos]``; taken from the batch when ``input`` is one.
+            image_features: precomputed ``[img_tok, d_model]`` features (skip the vision tower).
+            check_finite: raise :class:`NumericalError` if the logits hold NaN/inf.
+        """
+        if isinstance(input, (str, list)) and (isinstance(input, str) or (input and isinstance(input[0], str))):
+            input = self.prepare([input] if isinstance(input, str) else input,
+                                 images=[images] if isinstance(input, str) and images is not None else images)
+        if isinstance(input, MLLMBatch):
+            batch = input
+            tokens = batch.tokens
+            attention_mask = batch.attention_mask if attention_mask is None else attention_mask
+            encoder_inputs = {**batch.model_inputs, **encoder_inputs}
+            input = tokens
+        if start_at_layer is None:
+            tokens = input
+            if tokens.dim() == 1:
+                tokens = tokens[None]
+            tokens = tokens.to(self.cfg.device)
+            residual = self.embed_inputs(tokens, image_features=image_features, **encoder_inputs)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(tokens)
+            if past_kv_cache is not None:
+                attention_mask = past_kv_cache.append_attention_mask(attention_mask)
+            start_at_layer = 0
+        else:
+            residual = input
+            if past_kv_cache is not None and attention_mask is not None:
+                attention_mask = past_kv_cache.append_attention_mask(attention_mask)
+        out = super().forward(residual, return_type=return_type, start_at_layer=start_at_layer,
+                              stop_at_layer=stop_at_layer, past_kv_cache=past_kv_cache,
+                              attention_mask=attention_mask.to(self.cfg.device) if attention_mask is not None
+                              else None, tokens=tokens, loss_per_token=loss_per_token)
+        if check_finite and isinstance(out, Tensor) and not torch.isfinite(out).all():
+            raise NumericalError("The forward pass produced NaN/inf logits. Try float32 (dtype=torch.float32), "
+                                 "and check that no hook writes NaN (e.g. a fully masked attention row).")
+        return out
+
+    # ================================================================ generation
+    @torch.no_grad()
+    def generate(self, input: Any, images: Sequence[Sequence[ImageLike]] | None = None,  # type: ignore[override]
+                 max_new_tokens: int = 10, eos_token_id: int | None = None, return_type: str = "tokens",
+                 use_past_kv_cache: bool = True, verbose: bool = False) -> Any:
+        """Greedy generation with images; hooks active around the call apply to every step.
+
+        Returns ``Int[Tensor, "batch new"]`` (``return_type="tokens"``, finished rows padded with the pad
+        token) or a list of decoded strings (``"str"``).
+        """
+        if not isinstance(input, MLLMBatch):
+            input = self.prepare(input if isinstance(input, list) else [input],
+                                 images=[images] if isinstance(input, str) and images is not None else images)
+        batch = input
+        eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or 0)
+        B = len(batch)
+        mask = batch.attention_mask.to(self.cfg.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.cfg.device)
+        out = []
+        if use_past_kv_cache:
+            cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, B)
+            logits = self(batch, past_kv_cache=cache)
+        else:
+            tokens = batch.tokens
+            logits = self(batch)
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            out.append(nxt)
+            if eos is not None:
+                finished |= nxt == eos
+            if finished.all() or len(out) == max_new_tokens:
+                break
+            if use_past_kv_cache:
+                logits = self(nxt[:, None], attention_mask=torch.ones_like(nxt)[:, None], past_kv_cache=cache)
+            else:
+                tokens = torch.cat([tokens, nxt[:, None]], 1)
+                mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+                logits = self(tokens, attention_mask=mask, **batch.model_inputs)
+        gen = torch.stack(out, 1)
+        if return_type == "str":
+            return self.tokenizer.batch_decode(gen, skip_special_tokens=True)
+        return gen
+
+    # ==================================================================== views
+    def to_str_tokens(self, input: Any, i: int = 0, **kwargs: Any) -> list[str]:  # type: ignore[override]
+        """String tokens of sample ``i`` of a batch (padding dropped, image tokens as ``<img_k>``).
+
+        Other inputs fall back to TransformerLens's ``to_str_tokens``.
+        """
+        if not isinstance(input, MLLMBatch):
+            return super().to_str_tokens(input, **kwargs)
+        ids = input.tokens[i][input.attention_mask[i].bool()].tolist()
+        out, k = [], 0
+        for t in ids:
+            if t == self.image_encoder.image_token_id:
+                out.append(f"<img_{k}>")
+                k += 1
+            else:
+                out.append(self.tokenizer.convert_ids_to_tokens(t))
+        return out

@@ -1,0 +1,135 @@
+"""Token-group spans: which positions of a (padded) batch belong to which named prompt segment.
+
+Spans are *recorded while the prompt is built* from named segments (see :mod:`modality_circuits.prompts`);
+they are never recovered afterwards by searching token strings. A span is stored as a boolean mask
+``Bool[Tensor, "batch pos"]`` per group, so it stays right under left padding and with several images.
+
+Standard group names: ``image`` (all image tokens; ``image.0``, ``image.1`` … per image), ``context``,
+``instruction``, ``question``, ``constraint``, ``system``, ``template`` (chat-role glue), ``bos``,
+``answer_prefix`` and ``last`` (the position whose logits predict the answer's first token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._types import Bool, Int
+from .errors import SpanError
+
+#: Names every analysis knows about; any other segment name is a user-named group.
+STANDARD_GROUPS = ("image", "context", "instruction", "question", "constraint", "system", "last")
+
+
+@dataclass
+class Spans:
+    """Per-group position masks for a batch.
+
+    Attributes:
+        masks: group name -> ``Bool[Tensor, "batch pos"]``.
+    """
+
+    masks: dict[str, Bool[Tensor, "batch pos"]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ access
+    @property
+    def names(self) -> list[str]:
+        return list(self.masks)
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.masks.values())).shape[0] if self.masks else 0
+
+    @property
+    def seq_len(self) -> int:
+        return next(iter(self.masks.values())).shape[1] if self.masks else 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.masks
+
+    def mask(self, name: str | Sequence[str], allow_empty: bool = False) -> Bool[Tensor, "batch pos"]:
+        """Boolean mask of a group (or the union of several groups).
+
+        Raises:
+            SpanError: the prompt has no such group (lists the available ones), or the group has no
+                token in some sample and ``allow_empty`` is False.
+        """
+        if isinstance(name, (list, tuple)):
+            out = torch.zeros_like(next(iter(self.masks.values())))
+            for n in name:
+                out = out | self.mask(n, allow_empty=True)
+            if not allow_empty:
+                self._check_nonempty(out, "+".join(name))
+            return out
+        if not isinstance(name, str) or not name:
+            raise SpanError(f"A token group name must be a non-empty string, got {name!r}. Available: {self.names}.")
+        if name not in self.masks:
+            raise SpanError(
+                f"The prompt has no token group {name!r}. Available groups: {self.names}. "
+                "Groups are the segment names the prompt was built from (plus 'last')."
+            )
+        m = self.masks[name]
+        if not allow_empty:
+            self._check_nonempty(m, name)
+        return m
+
+    __getitem__ = mask
+
+    def _check_nonempty(self, m: Tensor, name: str) -> None:
+        empty = (~m.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise SpanError(
+                f"Token group {name!r} is empty in sample(s) {empty}: its segment produced no tokens. "
+                "Give the segment some text, drop those samples, or pass allow_empty=True."
+            )
+
+    def positions(self, name: str, i: int) -> Int[Tensor, "n"]:
+        """Positions (in the padded sequence) of group ``name`` in sample ``i``."""
+        return self.mask(name, allow_empty=True)[i].nonzero().flatten()
+
+    def first_position(self, name: str | Sequence[str]) -> Int[Tensor, "batch"]:
+        """First position of the group in each sample (``seq_len`` where the group is empty)."""
+        m = self.mask(name, allow_empty=True)
+        pos = torch.arange(m.shape[1], device=m.device).expand_as(m)
+        return torch.where(m, pos, torch.full_like(pos, m.shape[1])).min(dim=1).values
+
+    def counts(self) -> dict[str, list[int]]:
+        """Number of tokens per group per sample (a quick sanity view)."""
+        return {k: v.sum(dim=1).tolist() for k, v in self.masks.items()}
+
+    # -------------------------------------------------------------- transforms
+    def select(self, index: Sequence[int] | Tensor) -> "Spans":
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return Spans({k: v[idx.to(v.device)] for k, v in self.masks.items()})
+
+    def to(self, device: torch.device | str) -> "Spans":
+        return Spans({k: v.to(device) for k, v in self.masks.items()})
+
+    def with_group(self, name: str, mask: Bool[Tensor, "batch pos"]) -> "Spans":
+        """A copy with an extra (user-defined) group, e.g. explicit positions."""
+        if mask.shape != (self.batch_size, self.seq_len):
+            raise SpanError(f"Mask for group {name!r} has shape {tuple(mask.shape)}, expected "
+                            f"{(self.batch_size, self.seq_len)} (batch, pos).")
+        return Spans({**self.masks, name: mask.bool()})
+
+    @staticmethod
+    def concat(spans: Iterable["Spans"]) -> "Spans":
+        spans = list(spans)
+        names = spans[0].names
+        return Spans({n: torch.cat([s.masks[n] for s in spans]) for n in names})
+
+
+def positions_to_mask(positions: Sequence[Sequence[int]] | Sequence[int], batch: int, seq_len: int) -> Tensor:
+    """Explicit positions -> ``Bool[Tensor, "batch pos"]``; a flat list applies to every sample."""
+    m = torch.zeros(batch, seq_len, dtype=torch.bool)
+    if len(positions) and isinstance(positions[0], int):
+        positions = [positions] * batch  # type: ignore[list-item]
+    for i, ps in enumerate(positions):  # type: ignore[arg-type]
+        for p in ps:
+            if not -seq_len <= p < seq_len:
+                raise SpanError(f"Position {p} is out of range for a sequence of length {seq_len}.")
+            m[i, p] = True
+    return m

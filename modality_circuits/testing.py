@@ -1,0 +1,80 @@
+"""Tiny random HF models and tokenizers built offline from configs, for tests, benchmarks and examples.
+
+Nothing here touches the hub: tokenizers are trained in memory with ``tokenizers`` (a SentencePiece-like
+BPE with a ``▁`` prefix, as Llama's) and models are random-initialised from small configs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+DEFAULT_CORPUS = (
+    "Text context: the shape in the image is a red circle. In case there is an inconsistency between the Text "
+    "Context and the input image content, you must rely on the image content rather than the text context. "
+    "you must rely on the text context rather than the input image content. What is the color of the shape? "
+    "Answer the question using a single word or phrase. Answer with one word. blue green yellow square triangle "
+    "A chat between a curious human and an artificial intelligence assistant. USER: ASSISTANT: how many left right"
+)
+
+
+def tiny_bpe_tokenizer(corpus: Sequence[str] | str = DEFAULT_CORPUS, vocab_size: int = 300,
+                       image_token: str = "<image>") -> Any:
+    """A Llama-style fast tokenizer (BPE, ``▁`` word prefix, BOS prepended) with ``image_token`` special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", image_token]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator([corpus] if isinstance(corpus, str) else list(corpus), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": image_token},
+                                   padding_side="left")
+
+
+def tiny_llava(tokenizer: Any, *, decoder: str = "llama", n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
+               n_kv_heads: int | None = None, d_mlp: int = 128, image_size: int = 32, patch_size: int = 8,
+               vision_layers: int = 2, d_vision: int = 32, vision_feature_layer: int | list[int] = -2,
+               vision_feature_select_strategy: str = "default", seed: int = 0, vocab_pad: int = 0) -> Any:
+    """A random ``LlavaForConditionalGeneration`` (eager attention, fp32) sized for unit tests."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    text_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[decoder]
+    vocab = len(tokenizer) + vocab_pad
+    text = text_cls(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                    num_attention_heads=n_heads, num_key_value_heads=n_kv_heads or n_heads,
+                    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id)
+    vision = CLIPVisionConfig(hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                              projection_dim=d_vision)
+    cfg = LlavaConfig(vision_config=vision, text_config=text,
+                      image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+                      vision_feature_layer=vision_feature_layer,
+                      vision_feature_select_strategy=vision_feature_select_strategy, projector_hidden_act="gelu")
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    with torch.no_grad():  # random init is tiny; widen it so that differences show up in tests
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def random_images(n: int, size: int = 32, seed: int = 0) -> list[Any]:
+    """``n`` random RGB PIL images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
