@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 DEFAULT_CORPUS = (
-    "Text context: the shape in the image is a red circle. In case there is an inconsistency between the Text "
+    "Text context: the shape in the image is a red circle.\n In case there is an inconsistency between the Text "
     "Context and the input image content, you must rely on the image content rather than the text context. "
     "you must rely on the text context rather than the input image content. What is the color of the shape? "
     "Answer the question using a single word or phrase. Answer with one word. blue green yellow square triangle "

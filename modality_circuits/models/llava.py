@@ -61,7 +61,7 @@ class LlavaAdapter(Adapter):
         return hf_model.model.language_model, hf_model.lm_head
 
     def default_template(self) -> ChatTemplate:
-        return ChatTemplate(system=LLAVA_SYSTEM, user_prefix="USER: ", sep=" ", image_sep="\n",
+        return ChatTemplate(system=LLAVA_SYSTEM, user_prefix="USER: ", sep="\n", image_sep="\n",
                             assistant_prefix=" ASSISTANT:")
 
     def process_images(self, images: list[Any]) -> tuple[dict[str, Any], list[int]]:
