@@ -233,6 +233,10 @@ def build_batch(
         for n in g:
             if n not in names:
                 names.append(n)
+    for segs in segment_lists:  # a segment that produced no tokens is an empty group, not a missing one
+        for s in segs:
+            if not s.is_image and s.name not in names:
+                names.append(s.name)
     masks = {n: torch.zeros((B, L), dtype=torch.bool) for n in names}
     for i, (ids, groups) in enumerate(zip(rows, row_groups)):
         off = L - len(ids)
