@@ -162,6 +162,20 @@ def assign_tokens(
     return out
 
 
+def _open_image(image: Any) -> Any:
+    """PIL images and tensors pass through; a path is opened as RGB (clear error if missing)."""
+    from pathlib import Path
+
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        if not Path(image).exists():
+            raise ImageTokenMismatchError(f"Image file {str(image)!r} does not exist; check the images folder.")
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    return image
+
+
 def build_batch(
     segment_lists: Sequence[Sequence[Segment]],
     tokenizer: Any,
@@ -182,7 +196,7 @@ def build_batch(
     """
     if not getattr(tokenizer, "is_fast", False):
         raise SpanError("Prompt spans need a fast tokenizer (offset mapping); load it with use_fast=True.")
-    all_images = [seg.image for segs in segment_lists for seg in segs if seg.is_image]
+    all_images = [_open_image(seg.image) for segs in segment_lists for seg in segs if seg.is_image]
     model_inputs, n_tok = encode_images(all_images) if all_images else ({}, [])
     if len(n_tok) != len(all_images):
         raise ImageTokenMismatchError(f"Image encoder returned {len(n_tok)} token counts for {len(all_images)} images.")

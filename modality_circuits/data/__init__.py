@@ -1,5 +1,9 @@
 """Data: modality-conflict samples (synthetic default, real Modality-Following / MC² JSON)."""
 
+from .matching import classify, matches, normalize_answer
+from .mc2 import load_mc2, materialize, save_mc2
 from .sample import CONSTRAINTS, INSTRUCTION_IMAGE, INSTRUCTION_TEXT, INSTRUCTIONS, Sample
+from .synthetic import mixture, synthetic
 
-__all__ = ["CONSTRAINTS", "INSTRUCTIONS", "INSTRUCTION_IMAGE", "INSTRUCTION_TEXT", "Sample"]
+__all__ = ["CONSTRAINTS", "INSTRUCTIONS", "INSTRUCTION_IMAGE", "INSTRUCTION_TEXT", "Sample", "classify", "load_mc2",
+           "matches", "materialize", "mixture", "normalize_answer", "save_mc2", "synthetic"]

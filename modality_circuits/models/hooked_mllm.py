@@ -51,6 +51,7 @@ class HookedMLLM(HookedTransformer):
         self.hook_image_embeds = HookPoint()  # [img_tok, d_model]
         self.template = template or image_encoder.default_template()
         self.source = source
+        self.pos_offset = 0  # set by every forward: number of KV-cached positions before the input
         self.setup()
 
     # ================================================================== loading
@@ -199,6 +200,8 @@ class HookedMLLM(HookedTransformer):
             attention_mask = batch.attention_mask if attention_mask is None else attention_mask
             encoder_inputs = {**batch.model_inputs, **encoder_inputs}
             input = tokens
+        # absolute position of the first input position (cached prefix length); hooks read it to align masks
+        self.pos_offset = int(past_kv_cache.previous_attention_mask.shape[1]) if past_kv_cache is not None else 0
         if start_at_layer is None:
             tokens = input
             if tokens.dim() == 1:

@@ -1,0 +1,187 @@
+"""Seeded synthetic modality-conflict data with the paper's structure (the embedded default).
+
+Each sample is a small rendered image (coloured shapes on a dark background), a ``Text context`` sentence that
+contradicts it (``conflict``) or agrees (``consistent``), one of the paper's two modality instructions verbatim,
+a question and one of the three format sentences. Tasks mirror MC²: ``color`` (colour recognition), ``shape``
+(object recognition), ``count`` (counting) and ``position`` (positional reasoning). Single-modality probes
+(``image_probe``: image + question, ``text_probe``: context + question) serve as the general-ability control;
+their competitor answer is a random distractor of the same task.
+
+Everything is a pure function of ``seed``: the same call gives the same samples, images included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .sample import CONSTRAINTS, INSTRUCTIONS, Sample
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230),
+    "yellow": (235, 220, 50), "purple": (150, 60, 200), "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = ("one", "two", "three", "four")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+TASKS = ("color", "shape", "count", "position")
+BACKGROUND = (25, 25, 30)
+
+QUESTIONS = {
+    "color": "What is the color of the shape?",
+    "shape": "What shape is shown in the image?",
+    "count": "How many shapes are in the image?",
+    "position": "Where is the shape in the image?",
+}
+CONTEXTS = {
+    "color": "The shape in the image is {}.",
+    "shape": "The image shows a {}.",
+    "count": "There are {} shapes in the image.",
+    "position": "The shape is in the {} of the image.",
+}
+VALUES = {"color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What an image shows: one value per task."""
+
+    color: str
+    shape: str
+    count: str
+    position: str
+
+    def answer(self, task: str) -> str:
+        return getattr(self, task)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb: tuple) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    elif shape == "square":
+        draw.rectangle(box, fill=rgb)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=rgb)
+
+
+def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None) -> Image.Image:
+    """Draw a scene. ``count`` shapes sit in distinct cells of the ``position`` quadrant's half-grid.
+
+    The image is split into quadrants of ``size/2``; every shape of the scene lies inside the quadrant named by
+    ``position`` and is drawn with the scene's colour and shape. Small jitter comes from ``rng``.
+    """
+    rng = rng or np.random.default_rng(0)
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    half = size // 2
+    qy = 0 if scene.position.startswith("top") else half
+    qx = 0 if scene.position.endswith("left") else half
+    n = COUNTS.index(scene.count) + 1
+    rgb = COLORS[scene.color]
+    if n == 1:
+        m = max(1, size // 16)
+        j = rng.integers(-1, 2, size=2) * max(1, size // 32)
+        x0, y0 = qx + m + int(j[0]), qy + m + int(j[1])
+        _draw_shape(draw, scene.shape, (max(0, x0), max(0, y0), min(size - 1, x0 + half - 2 * m - 1),
+                                        min(size - 1, y0 + half - 2 * m - 1)), rgb)
+    else:
+        cell = half // 2
+        cells = rng.permutation(4)[:n]
+        for c in cells:
+            cy, cx = qy + (c // 2) * cell, qx + (c % 2) * cell
+            pad = max(1, cell // 6)
+            _draw_shape(draw, scene.shape, (cx + pad, cy + pad, cx + cell - pad - 1, cy + cell - pad - 1), rgb)
+    return img
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    return Scene(color=str(rng.choice(list(COLORS))), shape=str(rng.choice(SHAPES)),
+                 count=str(rng.choice(COUNTS)), position=str(rng.choice(POSITIONS)))
+
+
+def _other(rng: np.random.Generator, task: str, value: str) -> str:
+    options = [v for v in VALUES[task] if v != value]
+    return str(rng.choice(options))
+
+
+def make_sample(rng: np.random.Generator, kind: str = "conflict", follow: str | None = None, task: str | None = None,
+                constraint: str | None = None, image_size: int = 32, index: int = 0) -> Sample:
+    """One sample of the given kind (``conflict``, ``consistent``, ``image_probe``, ``text_probe``)."""
+    task = task or str(rng.choice(TASKS))
+    follow = follow or str(rng.choice(["image", "text"]))
+    constraint = constraint if constraint is not None else str(rng.choice(CONSTRAINTS))
+    scene = random_scene(rng)
+    truth = scene.answer(task)
+    image = render(scene, image_size, rng)
+    question = QUESTIONS[task]
+    if kind == "conflict":
+        text_value = _other(rng, task, truth)
+        return Sample(image=image, context=CONTEXTS[task].format(text_value), instruction=INSTRUCTIONS[follow],
+                      question=question, constraint=constraint, answer_img=truth, answer_text=text_value,
+                      follow=follow, task=task, kind=kind, id=f"syn-{kind}-{index}", meta={"scene": scene})
+    if kind == "consistent":
+        # Both modalities agree; the competitor is a distractor so that the binary score is defined.
+        distractor = _other(rng, task, truth)
+        a_img, a_txt = (truth, distractor) if follow == "image" else (distractor, truth)
+        return Sample(image=image, context=CONTEXTS[task].format(truth), instruction=INSTRUCTIONS[follow],
+                      question=question, constraint=constraint, answer_img=a_img, answer_text=a_txt,
+                      follow=follow, task=task, kind=kind, id=f"syn-{kind}-{index}",
+                      meta={"scene": scene, "truth": truth})
+    distractor = _other(rng, task, truth)
+    if kind == "image_probe":
+        return Sample(image=image, context=None, instruction=None, question=question, constraint=constraint,
+                      answer_img=truth, answer_text=distractor, follow="image", task=task, kind=kind,
+                      id=f"syn-{kind}-{index}", meta={"scene": scene})
+    if kind == "text_probe":
+        return Sample(image=None, context=CONTEXTS[task].format(truth), instruction=None, question=question,
+                      constraint=constraint, answer_img=distractor, answer_text=truth, follow="text", task=task,
+                      kind=kind, id=f"syn-{kind}-{index}", meta={"scene": scene})
+    raise ValueError(f"Unknown sample kind {kind!r}; use one of conflict, consistent, image_probe, text_probe.")
+
+
+def synthetic(n: int = 200, seed: int = 0, kind: str = "conflict", follow: str | None = None,
+              tasks: Sequence[str] | None = None, image_size: int = 32) -> list[Sample]:
+    """``n`` seeded samples of one kind.
+
+    With ``follow=None`` the instructions alternate (half vision-following, half text-following), and tasks
+    cycle through ``tasks`` (default: all four), so every condition is balanced.
+    """
+    if kind not in ("conflict", "consistent", "image_probe", "text_probe"):
+        raise ValueError(f"Unknown sample kind {kind!r}; use one of conflict, consistent, image_probe, text_probe.")
+    tasks = tuple(tasks or TASKS)
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"Unknown task {t!r}; synthetic tasks are {TASKS}.")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        f = follow or ("image" if i % 2 == 0 else "text")
+        out.append(make_sample(rng, kind=kind, follow=f, task=tasks[(i // 2) % len(tasks)], image_size=image_size,
+                               index=i))
+    return out
+
+
+def mixture(n: int, seed: int, weights: dict[str, float] | None = None, image_size: int = 32) -> list[Sample]:
+    """A shuffled training mixture of kinds (default: 60% conflict, 15% consistent, 12.5% each probe)."""
+    weights = weights or {"conflict": 0.6, "consistent": 0.15, "image_probe": 0.125, "text_probe": 0.125}
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(list(weights), size=n, p=np.array(list(weights.values())) / sum(weights.values()))
+    return [make_sample(rng, kind=str(k), image_size=image_size, index=i) for i, k in enumerate(kinds)]
+
+
+def vocabulary() -> list[str]:
+    """Every word the synthetic prompts and answers use (for the toy model's word-level tokenizer)."""
+    import re
+
+    texts = [*INSTRUCTIONS.values(), *CONSTRAINTS, *QUESTIONS.values(), *CONTEXTS.values(), "Text context:",
+             *[v for vals in VALUES.values() for v in vals]]
+    words: list[str] = []
+    for t in texts:
+        for w in re.findall(r"\w+|[^\w\s]+", t.replace("{}", " ")):
+            if w not in words:
+                words.append(w)
+    return words

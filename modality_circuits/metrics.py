@@ -1,0 +1,207 @@
+"""Measurements of modality following: answer log-probabilities, the binary following score, MFR.
+
+For a sample with following answer ``f`` (the instructed modality's) and competitor ``c`` (the other one):
+
+* ``logp(a) = Σ_t log P(a_t | prompt, a_<t)`` — the full answer's log-probability as a continuation of the
+  prompt (``first_token=True``: only ``log P(a_1 | prompt)``).
+* **binary-constrained following probability** ``p_bin = P(f) / (P(f) + P(c)) = σ(logp(f) − logp(c))`` — the
+  probability renormalised over only the two answers.
+* unconstrained ``P(f)``, ``P(c)`` and ``leak = 1 − P(f) − P(c)`` (mass outside the two answers; for
+  ``first_token=True`` this is the mass on all other first tokens).
+* the **knockout/intervention effect** ``Δ = (p_bin_after − p_bin_before) / p_bin_before`` (signed, relative;
+  ×100 for percent), as in the paper's knockout figures.
+* **MFR** (modality-following ratio): the share of samples with ``logp(f) > logp(c)`` (closed form), or whose
+  greedy generation matches the following answer's candidates (open form, :func:`mfr_open`).
+
+Full-answer scoring runs the prompt once (KV cache) and only the answer continuations for both answers, so
+hooks active around the call see the prompt pass as ``[batch, …]`` and the continuation as ``[k*batch, …]``
+with positions beyond the prompt (interventions built from spans align to this; see
+:func:`modality_circuits.interventions.core.align_mask`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+from ._types import Float
+from .errors import AnswerError, NumericalError
+from .prompts import MLLMBatch
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- answers
+def tokenize_answer(tokenizer: Any, answer: str, where: str = "") -> list[int]:
+    """Token ids of an answer as it would follow the prompt. Raises :class:`AnswerError` if unusable."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not str(answer).strip() or not ids:
+        raise AnswerError(f"Answer {answer!r}{where} tokenizes to nothing; give a non-empty answer.")
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk in ids:
+        raise AnswerError(f"Answer {answer!r}{where} contains tokens unknown to the tokenizer "
+                          f"({tokenizer.convert_ids_to_tokens(ids)}); use words the model's vocabulary has.")
+    return ids
+
+
+def _repeat_cache(cache: TransformerLensKeyValueCache, k: int) -> TransformerLensKeyValueCache:
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.repeat(k, 1, 1, 1), e.past_values.repeat(k, 1, 1, 1))
+               for e in cache.entries]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.repeat(k, 1))
+
+
+def answer_logprobs(model: Any, batch: MLLMBatch, answers: Sequence[Sequence[str]], first_token: bool = False
+                    ) -> Float[Tensor, "batch k"]:
+    """Log-probability of each of ``k`` answers per prompt (full answer, or first token only).
+
+    Args:
+        answers: ``answers[i]`` is the list of ``k`` candidate answers of prompt ``i`` (same ``k`` for all).
+    """
+    B = len(batch)
+    if len(answers) != B:
+        raise AnswerError(f"Got answers for {len(answers)} prompts, the batch has {B}.")
+    K = len(answers[0])
+    ids = [[tokenize_answer(model.tokenizer, a, f" (prompt {i})") for a in row] for i, row in enumerate(answers)]
+    dev = model.cfg.device
+    with torch.no_grad():
+        if first_token or all(len(x) == 1 for row in ids for x in row):
+            lp = model(batch)[:, -1].float().log_softmax(-1)  # [batch, vocab]
+            first = torch.tensor([[x[0] for x in row] for row in ids], device=lp.device)
+            return lp.gather(1, first)
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, dev, B)
+        lp0 = model(batch, past_kv_cache=cache)[:, -1].float().log_softmax(-1)
+        first = torch.tensor([[x[0] for x in row] for row in ids], device=lp0.device)
+        out = lp0.gather(1, first)  # [batch, k]
+        A = max(len(x) for row in ids for x in row)
+        cont = torch.zeros(K * B, A - 1, dtype=torch.long, device=dev)  # config-major: row k*B + i
+        tgt = torch.zeros_like(cont)
+        msk = torch.zeros_like(cont)
+        for k in range(K):
+            for i in range(B):
+                x = ids[i][k]
+                n = len(x) - 1
+                if n > 0:
+                    cont[k * B + i, :n] = torch.tensor(x[:-1])
+                    tgt[k * B + i, :n] = torch.tensor(x[1:])
+                    msk[k * B + i, :n] = 1
+        logits = model(cont, attention_mask=msk, past_kv_cache=_repeat_cache(cache, K))
+        lp = logits.float().log_softmax(-1).gather(2, tgt[..., None])[..., 0] * msk
+        out = out + lp.sum(1).view(K, B).T
+    return out
+
+
+# ------------------------------------------------------------------------------------- following score
+@dataclass
+class FollowingScores:
+    """Per-sample following measurements (tensors of shape ``[batch]``)."""
+
+    logp_follow: Tensor
+    logp_comp: Tensor
+
+    @property
+    def logit_diff(self) -> Tensor:
+        """``logp(f) − logp(c)``."""
+        return self.logp_follow - self.logp_comp
+
+    @property
+    def p_binary(self) -> Tensor:
+        """``P(f) / (P(f) + P(c))``."""
+        return torch.sigmoid(self.logit_diff)
+
+    @property
+    def p_follow(self) -> Tensor:
+        return self.logp_follow.exp()
+
+    @property
+    def p_comp(self) -> Tensor:
+        return self.logp_comp.exp()
+
+    @property
+    def leak(self) -> Tensor:
+        """Probability mass outside the two answers."""
+        return 1 - self.p_follow - self.p_comp
+
+    @property
+    def followed(self) -> Tensor:
+        return self.logp_follow > self.logp_comp
+
+    @staticmethod
+    def cat(parts: Sequence["FollowingScores"]) -> "FollowingScores":
+        return FollowingScores(torch.cat([p.logp_follow for p in parts]), torch.cat([p.logp_comp for p in parts]))
+
+    def to_frame(self, samples: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Tidy table, one row per sample."""
+        df = pd.DataFrame({"logp_follow": self.logp_follow.cpu().numpy(), "logp_comp": self.logp_comp.cpu().numpy(),
+                           "p_binary": self.p_binary.cpu().numpy(), "p_follow": self.p_follow.cpu().numpy(),
+                           "p_comp": self.p_comp.cpu().numpy(), "followed": self.followed.cpu().numpy()})
+        if samples is not None:
+            df.insert(0, "sample_id", [s.id for s in samples])
+            df.insert(1, "follow", [s.follow for s in samples])
+            df.insert(2, "task", [s.task for s in samples])
+            df.insert(3, "kind", [s.kind for s in samples])
+        return df
+
+
+def following_scores(model: Any, batch: MLLMBatch, first_token: bool = False) -> FollowingScores:
+    """Binary-constrained following scores of a batch built from samples (``model.prepare(samples)``)."""
+    if batch.samples is None:
+        raise AnswerError("The batch carries no samples (answers); build it with model.prepare(samples).")
+    for i, s in enumerate(batch.samples):
+        s.check_answers(i)
+    lp = answer_logprobs(model, batch, [[s.following_answer, s.competitor_answer] for s in batch.samples],
+                         first_token=first_token)
+    if not torch.isfinite(lp).all():
+        raise NumericalError("Answer log-probabilities contain NaN/inf; check hooks (e.g. fully masked attention "
+                             "rows) and use float32.")
+    return FollowingScores(lp[:, 0], lp[:, 1])
+
+
+def relative_change(before: Tensor, after: Tensor) -> Tensor:
+    """Signed relative change ``(after − before) / before`` (the paper's knockout measure; ×100 for %)."""
+    return (after - before) / before.clamp_min(1e-12)
+
+
+# ------------------------------------------------------------------------------------------------- MFR
+def iter_batches(model: Any, samples: Sequence[Any], batch_size: int = 32, desc: str | None = None,
+                 progress: bool = True) -> Iterator[tuple[list[Any], MLLMBatch]]:
+    """Yield ``(samples_chunk, batch)`` over a dataset, with a progress bar."""
+    chunks = [list(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+    for chunk in tqdm(chunks, desc=desc, disable=not progress or len(chunks) < 2, leave=False):
+        yield chunk, model.prepare(chunk)
+
+
+def score_dataset(model: Any, samples: Sequence[Any], batch_size: int = 32, first_token: bool = False,
+                  progress: bool = True) -> FollowingScores:
+    """Following scores for a whole dataset (batched)."""
+    parts = [following_scores(model, b, first_token) for _, b in
+             iter_batches(model, samples, batch_size, desc="scoring", progress=progress)]
+    return FollowingScores.cat(parts)
+
+
+def mfr(model: Any, samples: Sequence[Any], batch_size: int = 32, first_token: bool = False,
+        progress: bool = True) -> dict[str, float]:
+    """Closed-form MFR: share of samples whose following answer out-scores the competitor.
+
+    Returns ``{"mfr", "competitor", "other", "n"}`` (``other`` is 0 in closed form: one of the two always wins).
+    """
+    s = score_dataset(model, samples, batch_size, first_token, progress)
+    f = float(s.followed.float().mean()) if len(samples) else float("nan")
+    return {"mfr": f, "competitor": 1 - f, "other": 0.0, "n": len(samples)}
+
+
+def summarize(df: pd.DataFrame, value: str, by: Sequence[str]) -> pd.DataFrame:
+    """Mean, std, count and a normal-approximation 95% CI of ``value`` per group (tidy)."""
+    g = df.groupby(list(by), sort=False)[value]
+    out = g.agg(["mean", "std", "count"]).reset_index()
+    half = 1.96 * out["std"].fillna(0) / np.sqrt(out["count"].clip(lower=1))
+    out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+    return out
