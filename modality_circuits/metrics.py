@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -59,27 +59,38 @@ def _repeat_cache(cache: TransformerLensKeyValueCache, k: int) -> TransformerLen
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.repeat(k, 1))
 
 
-def answer_logprobs(model: Any, batch: MLLMBatch, answers: Sequence[Sequence[str]], first_token: bool = False
-                    ) -> Float[Tensor, "batch k"]:
+PromptPass = Callable[[], tuple[Tensor, Any]]
+
+
+def answer_logprobs(model: Any, batch: MLLMBatch, answers: Sequence[Sequence[str]], first_token: bool = False,
+                    prompt_pass: PromptPass | None = None) -> Float[Tensor, "batch k"]:
     """Log-probability of each of ``k`` answers per prompt (full answer, or first token only).
 
     Args:
         answers: ``answers[i]`` is the list of ``k`` candidate answers of prompt ``i`` (same ``k`` for all).
+        prompt_pass: advanced: a callable returning ``(logits of the prompt's last positions, KV cache holding
+            all prompt positions)``; the default runs ``model(batch)`` with a fresh cache. Sweeps use it to
+            recompute only a suffix of the prompt from cached prefix keys/values.
     """
-    B = len(batch)
-    if len(answers) != B:
-        raise AnswerError(f"Got answers for {len(answers)} prompts, the batch has {B}.")
+    B = len(answers)
+    if prompt_pass is None and len(answers) != len(batch):
+        raise AnswerError(f"Got answers for {len(answers)} prompts, the batch has {len(batch)}.")
     K = len(answers[0])
     ids = [[tokenize_answer(model.tokenizer, a, f" (prompt {i})") for a in row] for i, row in enumerate(answers)]
     dev = model.cfg.device
     with torch.no_grad():
-        if first_token or all(len(x) == 1 for row in ids for x in row):
-            lp = model(batch)[:, -1].float().log_softmax(-1)  # [batch, vocab]
-            first = torch.tensor([[x[0] for x in row] for row in ids], device=lp.device)
-            return lp.gather(1, first)
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, dev, B)
-        lp0 = model(batch, past_kv_cache=cache)[:, -1].float().log_softmax(-1)
+        single = first_token or all(len(x) == 1 for row in ids for x in row)
+        if prompt_pass is None:
+            def prompt_pass() -> tuple[Tensor, Any]:
+                if single:
+                    return model(batch), None
+                c = TransformerLensKeyValueCache.init_cache(model.cfg, dev, B)
+                return model(batch, past_kv_cache=c), c
+        logits, cache = prompt_pass()
+        lp0 = logits[:, -1].float().log_softmax(-1)  # [batch, vocab]
         first = torch.tensor([[x[0] for x in row] for row in ids], device=lp0.device)
+        if single:
+            return lp0.gather(1, first)
         out = lp0.gather(1, first)  # [batch, k]
         A = max(len(x) for row in ids for x in row)
         cont = torch.zeros(K * B, A - 1, dtype=torch.long, device=dev)  # config-major: row k*B + i
@@ -151,14 +162,19 @@ class FollowingScores:
         return df
 
 
-def following_scores(model: Any, batch: MLLMBatch, first_token: bool = False) -> FollowingScores:
-    """Binary-constrained following scores of a batch built from samples (``model.prepare(samples)``)."""
+def following_scores(model: Any, batch: MLLMBatch, first_token: bool = False,
+                     prompt_pass: PromptPass | None = None, repeats: int = 1) -> FollowingScores:
+    """Binary-constrained following scores of a batch built from samples (``model.prepare(samples)``).
+
+    ``prompt_pass``/``repeats`` (advanced): score a custom prompt pass over ``repeats`` config-major copies of
+    the batch (see :func:`answer_logprobs`).
+    """
     if batch.samples is None:
         raise AnswerError("The batch carries no samples (answers); build it with model.prepare(samples).")
     for i, s in enumerate(batch.samples):
         s.check_answers(i)
-    lp = answer_logprobs(model, batch, [[s.following_answer, s.competitor_answer] for s in batch.samples],
-                         first_token=first_token)
+    pairs = [[s.following_answer, s.competitor_answer] for s in batch.samples] * repeats
+    lp = answer_logprobs(model, batch, pairs, first_token=first_token, prompt_pass=prompt_pass)
     if not torch.isfinite(lp).all():
         raise NumericalError("Answer log-probabilities contain NaN/inf; check hooks (e.g. fully masked attention "
                              "rows) and use float32.")

@@ -26,7 +26,9 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three", "four")
-POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+POSITIONS = ("left", "right", "top", "bottom")
+#: top-left corner (x, y), in units of size/4, of the half-size box each position puts the shapes in
+_BOX = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2)}
 TASKS = ("color", "shape", "count", "position")
 BACKGROUND = (25, 25, 30)
 
@@ -34,13 +36,13 @@ QUESTIONS = {
     "color": "What is the color of the shape?",
     "shape": "What shape is shown in the image?",
     "count": "How many shapes are in the image?",
-    "position": "Where is the shape in the image?",
+    "position": "On which side of the image is the shape?",
 }
 CONTEXTS = {
     "color": "The shape in the image is {}.",
     "shape": "The image shows a {}.",
     "count": "There are {} shapes in the image.",
-    "position": "The shape is in the {} of the image.",
+    "position": "The shape is on the {} side of the image.",
 }
 VALUES = {"color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS}
 
@@ -69,17 +71,17 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
 
 
 def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None) -> Image.Image:
-    """Draw a scene. ``count`` shapes sit in distinct cells of the ``position`` quadrant's half-grid.
+    """Draw a scene: ``count`` shapes of one colour and shape inside the ``position`` box.
 
-    The image is split into quadrants of ``size/2``; every shape of the scene lies inside the quadrant named by
-    ``position`` and is drawn with the scene's colour and shape. Small jitter comes from ``rng``.
+    The box is a ``size/2`` square centred on the named edge (left, right, top or bottom half); one shape fills
+    it, several sit in distinct cells of its 2×2 grid. Small jitter comes from ``rng``.
     """
     rng = rng or np.random.default_rng(0)
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     half = size // 2
-    qy = 0 if scene.position.startswith("top") else half
-    qx = 0 if scene.position.endswith("left") else half
+    bx, by = _BOX[scene.position]
+    qx, qy = bx * size // 4, by * size // 4
     n = COUNTS.index(scene.count) + 1
     rgb = COLORS[scene.color]
     if n == 1:

@@ -32,14 +32,14 @@ class ToyConfig:
     d_model: int = 128
     n_layers: int = 6
     n_heads: int = 8
-    d_mlp: int = 384
+    d_mlp: int = 256
     n_train: int = 24000
     steps: int = 3000
     batch_size: int = 48
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 150
-    max_minutes: float = 14.0
+    max_minutes: float = 13.0
 
     def to_dict(self) -> dict:
         return asdict(self)

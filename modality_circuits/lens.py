@@ -1,0 +1,116 @@
+"""Direct contributions at the last position and the logit lens at the instruction anchors.
+
+**Contributions** ("MLP semantic inertia" view). The final residual at the last position is the sum of the
+embedding and every layer's attention and MLP output, ``x = e + Σ_l (a_l + m_l)``. With the final norm's scale
+``s`` frozen at its value on ``x``, the logit difference between the following and the competitor answer's
+first tokens, ``Δ = RMSNorm(x) · (W_U[:, f] − W_U[:, c])``, splits exactly into per-component terms
+``c_i = (x_i / s) · (w ⊙ (W_U[:, f] − W_U[:, c]))`` (``w``: the norm weight; ``b_U`` cancels in the difference),
+so ``Σ_i c_i = Δ`` (tested to 1e-4).
+
+**Anchor read-out.** At each layer, the residual stream at the instruction positions (and, for comparison,
+the last position) is decoded with the final norm and unembedding (logit lens); the decision read there is
+``following`` if the following answer's first token out-scores the competitor's. The table reports, per layer,
+how often that decision agrees with the model's final (closed-form) answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ._types import Float
+from .errors import AnswerError
+from .metrics import following_scores, iter_batches, tokenize_answer
+
+
+def _answer_dirs(model: Any, samples: Sequence[Any]) -> tuple[Tensor, Tensor]:
+    f = [tokenize_answer(model.tokenizer, s.following_answer)[0] for s in samples]
+    c = [tokenize_answer(model.tokenizer, s.competitor_answer)[0] for s in samples]
+    if any(a == b for a, b in zip(f, c)):
+        raise AnswerError("The following and competitor answers share their first token in some sample; the "
+                          "first-token logit difference is 0 there. Use answers that differ in their first token.")
+    dev = model.cfg.device
+    return torch.tensor(f, device=dev), torch.tensor(c, device=dev)
+
+
+def _final_norm_weight(model: Any) -> Tensor:
+    w = getattr(model.ln_final, "w", None)
+    return w if w is not None else torch.ones(model.cfg.d_model, device=model.cfg.device)
+
+
+@torch.no_grad()
+def last_position_contributions(model: Any, batch: Any) -> tuple[Float[Tensor, "component batch"], list[str], Tensor]:
+    """Per-component direct contributions to the first-token logit difference at the last position.
+
+    Returns ``(contributions [component, batch], labels, final logit difference [batch])`` with labels
+    ``embed, 0_attn_out, 0_mlp_out, …``.
+    """
+    f, c = _answer_dirs(model, batch.samples)
+    logits, cache = model.run_with_cache(batch)
+    stack, labels = cache.decompose_resid(layer=None, pos_slice=-1, mode="all", incl_embeds=True,
+                                          return_labels=True)  # [component, batch, d_model]
+    scale = cache["ln_final.hook_scale"][:, -1]  # [batch, 1]
+    d = (model.W_U[:, f] - model.W_U[:, c]).T * _final_norm_weight(model)  # [batch, d_model]
+    contrib = ((stack / scale[None]) * d[None]).sum(-1)  # [component, batch]
+    final = logits[:, -1].gather(1, f[:, None])[:, 0] - logits[:, -1].gather(1, c[:, None])[:, 0]
+    return contrib, list(labels), final
+
+
+def contributions(model: Any, samples: Sequence[Any], batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
+    """Tidy table: one row per (sample, component) with ``layer``, ``kind`` (embed/attn/mlp), ``contribution``.
+
+    ``followed`` marks samples the model answers with the instructed modality (closed form), so the figure can
+    split successful from failed samples.
+    """
+    rows = []
+    for chunk, batch in iter_batches(model, samples, batch_size, desc="contributions", progress=progress):
+        contrib, labels, final = last_position_contributions(model, batch)
+        followed = following_scores(model, batch).followed
+        for j, lab in enumerate(labels):
+            kind = "embed" if lab == "embed" else ("attn" if "attn" in lab else "mlp")
+            layer = -1 if lab == "embed" else int(lab.split("_")[0])
+            for i, s in enumerate(chunk):
+                rows.append({"sample_id": s.id, "condition": s.follow, "task": s.task,
+                             "followed": bool(followed[i]), "component": lab, "kind": kind, "layer": layer,
+                             "contribution": float(contrib[j, i]), "final_logit_diff": float(final[i])})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def anchor_readout(model: Any, samples: Sequence[Any], groups: Sequence[str] = ("instruction", "last"),
+                   batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
+    """Logit lens at token groups per layer; agreement of the decision read there with the final answer.
+
+    Returns one row per (condition, group, layer): ``agreement`` (share of group tokens × samples whose
+    lens decision equals the model's final decision), ``follow_rate`` (share deciding for the following answer)
+    and ``mean_logit_diff`` (following − competitor, first tokens).
+    """
+    acc: dict[tuple, list[float]] = {}
+    for chunk, batch in iter_batches(model, samples, batch_size, desc="anchor read-out", progress=progress):
+        f, c = _answer_dirs(model, chunk)
+        final = following_scores(model, batch).followed  # [batch]
+        names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+        _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names, return_type=None)
+        for layer, name in enumerate(names):
+            lg = model.unembed(model.ln_final(cache[name]))  # [batch, pos, vocab]
+            diff = lg.gather(2, f[:, None, None].expand(-1, lg.shape[1], 1))[..., 0] - lg.gather(
+                2, c[:, None, None].expand(-1, lg.shape[1], 1))[..., 0]  # [batch, pos]
+            for g in groups:
+                m = batch.spans.mask(g, allow_empty=True)
+                for i, s in enumerate(chunk):
+                    d = diff[i][m[i]]
+                    if d.numel() == 0:
+                        continue
+                    key = (s.follow, g, layer)
+                    a = acc.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                    dec = d > 0
+                    a[0] += float((dec == final[i]).float().sum())
+                    a[1] += float(dec.float().sum())
+                    a[2] += float(d.sum())
+                    a[3] += d.numel()
+    return pd.DataFrame([{"condition": k[0], "group": k[1], "layer": k[2], "agreement": v[0] / v[3],
+                          "follow_rate": v[1] / v[3], "mean_logit_diff": v[2] / v[3], "n_tokens": int(v[3])}
+                         for k, v in sorted(acc.items())])

@@ -1,0 +1,207 @@
+"""Head scores as ``[layer, head]`` tables from four methods, and top-p% selection.
+
+All scores are oriented so that **higher = more important for following the instruction**:
+
+* ``ablation`` (exact): ``−mean Δ`` where ``Δ`` is the relative change of the binary following probability
+  when the head's ``hook_z`` is zero- or mean-ablated (at all positions, or only at chosen positions).
+  Batched: all heads of a layer are ablated side by side (one copy of the batch per head) in one forward that
+  starts at that layer from cached residuals and, for position-restricted ablation, at the first ablated
+  position with cached keys/values (:mod:`modality_circuits.sweeps.prefix`). Also reports the change of the
+  first-token logit difference (``ablation_logit``), the quantity attribution patching approximates.
+* ``attribution`` (attribution patching): one forward and one backward; ``−Σ_pos ∂LD/∂z · (baseline − z)``,
+  the first-order estimate of the ablation's effect on the first-token logit difference ``LD``.
+* ``dla`` (direct logit attribution): each head's direct contribution to ``LD`` at the last position
+  (final norm scale frozen).
+* ``attention``: attention mass from the ``last`` and ``instruction`` queries to the instructed modality's tokens
+  (``image`` for vision-following samples, ``context`` for text-following ones).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .._types import Float
+from ..errors import InterventionError
+from ..interventions.heads import mean_z, scale_tensor_hooks
+from ..lens import _answer_dirs, _final_norm_weight
+from ..metrics import following_scores, iter_batches, relative_change
+from .prefix import CleanRun
+
+METHODS = ("ablation", "attribution", "dla", "attention")
+
+
+def _first_token_ld(model: Any, logits: Tensor, f: Tensor, c: Tensor) -> Tensor:
+    last = logits[:, -1]
+    return last.gather(1, f[:, None])[:, 0] - last.gather(1, c[:, None])[:, 0]
+
+
+@torch.no_grad()
+def ablation_scan_batch(model: Any, batch: Any, mode: str = "zero", positions: str | Sequence[str] | None = None,
+                        method: str = "cached", first_token: bool = False,
+                        baseline: Tensor | None = None) -> dict[str, Float[Tensor, "layer n_heads batch"]]:
+    """Exact effect of ablating each head, for one batch.
+
+    Returns ``{"delta": relative change of p_binary, "d_logit": change of first-token LD}`` as
+    ``[layer, n_heads, batch]`` tensors.
+    """
+    if mode not in ("zero", "mean"):
+        raise InterventionError(f"Ablation mode must be 'zero' or 'mean', got {mode!r}.")
+    L, H, B = model.cfg.n_layers, model.cfg.n_heads, len(batch)
+    base_lp = following_scores(model, batch, first_token)
+    f, c = _answer_dirs(model, batch.samples)
+    base_ld = _first_token_ld(model, model(batch), f, c)
+    base = baseline if baseline is not None else (mean_z(model, batch) if mode == "mean" else None)
+    pos_mask = None if positions is None else batch.spans.mask(
+        positions if isinstance(positions, str) else list(positions), allow_empty=True)
+    p0 = 0 if pos_mask is None else int(batch.spans.first_position(
+        positions if isinstance(positions, str) else list(positions)).min())
+    delta = torch.zeros(L, H, B)
+    dlog = torch.zeros(L, H, B)
+    clean = CleanRun.record(model, batch) if method == "cached" else None
+    for layer in range(L):
+        if method == "cached":
+            s = torch.ones(H, H)
+            s[torch.arange(H), torch.arange(H)] = 0.0  # copy k ablates head k
+            hooks = scale_tensor_hooks(model, {layer: s.repeat_interleave(B, 0)}, pos_mask, base)
+            kept: dict[str, Tensor] = {}
+            run = clean.prompt_pass(model, layer, p0, H, with_cache=not first_token)
+
+            def run_and_keep() -> tuple[Tensor, Any]:
+                kept["logits"], cache = run()
+                return kept["logits"], cache
+
+            with model.hooks(fwd_hooks=hooks):
+                sc = following_scores(model, batch, first_token, repeats=H, prompt_pass=run_and_keep)
+            ld = _first_token_ld(model, kept["logits"], f.repeat(H), c.repeat(H))
+            delta[layer] = relative_change(base_lp.p_binary.repeat(H), sc.p_binary).view(H, B).cpu()
+            dlog[layer] = (ld - base_ld.repeat(H)).view(H, B).cpu()
+        elif method == "naive":
+            for h in range(H):
+                s = torch.ones(1, H)
+                s[0, h] = 0.0
+                with model.hooks(fwd_hooks=scale_tensor_hooks(model, {layer: s}, pos_mask, base)):
+                    sc = following_scores(model, batch, first_token)
+                    ld = _first_token_ld(model, model(batch), f, c)
+                delta[layer, h] = relative_change(base_lp.p_binary, sc.p_binary).cpu()
+                dlog[layer, h] = (ld - base_ld).cpu()
+        else:
+            raise InterventionError(f"method must be 'cached' or 'naive', got {method!r}.")
+    return {"delta": delta, "d_logit": dlog}
+
+
+def attribution_batch(model: Any, batch: Any, mode: str = "zero", baseline: Tensor | None = None,
+                      positions: str | Sequence[str] | None = None) -> Float[Tensor, "layer n_heads batch"]:
+    """Attribution patching: first-order estimate of each head's ablation effect on the first-token LD."""
+    L = model.cfg.n_layers
+    base = baseline if baseline is not None else (mean_z(model, batch) if mode == "mean" else None)
+    f, c = _answer_dirs(model, batch.samples)
+    zs: dict[int, Tensor] = {}
+
+    def keep(z: Tensor, hook: Any) -> Tensor:
+        z.retain_grad()
+        zs[int(hook.name.split(".")[1])] = z
+        return z
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(f"blocks.{i}.attn.hook_z", keep) for i in range(L)]):
+        logits = model(batch)
+        _first_token_ld(model, logits, f, c).sum().backward()
+    pm = None if positions is None else batch.spans.mask(
+        positions if isinstance(positions, str) else list(positions), allow_empty=True)
+    out = []
+    for i in range(L):
+        z, g = zs[i].detach(), zs[i].grad
+        b = 0 if base is None else base[i][None, None]
+        est = (g * (b - z)).sum(-1)  # [batch, pos, n_heads]
+        est = est * (batch.attention_mask.bool() if pm is None else pm)[..., None].to(est.dtype)
+        out.append(est.sum(1).T)  # [n_heads, batch]
+    model.zero_grad(set_to_none=True)
+    return torch.stack(out).detach().cpu()
+
+
+@torch.no_grad()
+def dla_batch(model: Any, batch: Any) -> Float[Tensor, "layer n_heads batch"]:
+    """Direct contribution of each head to the first-token LD at the last position (frozen final scale)."""
+    f, c = _answer_dirs(model, batch.samples)
+    names = [f"blocks.{i}.attn.hook_z" for i in range(model.cfg.n_layers)] + ["ln_final.hook_scale"]
+    _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names, return_type=None)
+    d = (model.W_U[:, f] - model.W_U[:, c]).T * _final_norm_weight(model)  # [batch, d_model]
+    scale = cache["ln_final.hook_scale"][:, -1]  # [batch, 1]
+    out = []
+    for i in range(model.cfg.n_layers):
+        z = cache[f"blocks.{i}.attn.hook_z"][:, -1]  # [batch, n_heads, d_head]
+        res = torch.einsum("bhd,hdm->bhm", z, model.W_O[i]) / scale[:, None]
+        out.append((res * d[:, None]).sum(-1).T)
+    return torch.stack(out).cpu()
+
+
+@torch.no_grad()
+def attention_mass_batch(model: Any, batch: Any, queries: Sequence[str] = ("last", "instruction")
+                         ) -> Float[Tensor, "layer n_heads batch"]:
+    """Attention mass from ``queries`` to the instructed modality's tokens, per head."""
+    names = [f"blocks.{i}.attn.hook_pattern" for i in range(model.cfg.n_layers)]
+    _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names, return_type=None)
+    q = batch.spans.mask(list(queries), allow_empty=True)  # [batch, pos]
+    img = batch.spans.mask("image", allow_empty=True) if "image" in batch.spans else torch.zeros_like(q)
+    ctx = batch.spans.mask("context", allow_empty=True) if "context" in batch.spans else torch.zeros_like(q)
+    follow_img = torch.tensor([s.follow == "image" for s in batch.samples], device=q.device)
+    k = torch.where(follow_img[:, None], img, ctx)  # [batch, pos]
+    out = []
+    for name in names:
+        p = cache[name]  # [batch, n_heads, q_pos, k_pos]
+        mass = (p * k[:, None, None, :]).sum(-1)  # [batch, n_heads, q_pos]
+        out.append(((mass * q[:, None]).sum(-1) / q.sum(-1).clamp_min(1)[:, None]).T)
+    return torch.stack(out).cpu()
+
+
+def head_scores(model: Any, samples: Sequence[Any], method: str = "ablation", mode: str = "zero",
+                positions: str | Sequence[str] | None = None, batch_size: int = 16, first_token: bool = False,
+                progress: bool = True) -> pd.DataFrame:
+    """Per-sample head scores as a tidy table (``layer, head, sample_id, condition, score``; higher = more important).
+
+    Aggregate to a ``[layer, head]`` matrix with :func:`score_matrix`.
+    """
+    if method not in METHODS:
+        raise InterventionError(f"Unknown head-score method {method!r}; choose from {METHODS}.")
+    rows = []
+    for chunk, batch in iter_batches(model, samples, batch_size, desc=f"head scores ({method})", progress=progress):
+        extra: dict[str, Tensor] = {}
+        if method == "ablation":
+            r = ablation_scan_batch(model, batch, mode, positions, first_token=first_token)
+            score, extra = -r["delta"], {"d_logit": r["d_logit"]}
+        elif method == "attribution":
+            score = -attribution_batch(model, batch, mode, positions=positions)
+        elif method == "dla":
+            score = dla_batch(model, batch)
+        else:
+            score = attention_mass_batch(model, batch)
+        L, H, B = score.shape
+        for i, s in enumerate(chunk):
+            for layer in range(L):
+                for h in range(H):
+                    row = {"layer": layer, "head": h, "sample_id": s.id, "condition": s.follow, "task": s.task,
+                           "method": method, "score": float(score[layer, h, i])}
+                    for k, v in extra.items():
+                        row[k] = float(v[layer, h, i])
+                    rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def score_matrix(df: pd.DataFrame, condition: str | None = None, value: str = "score") -> np.ndarray:
+    """Mean score per head as a ``[layer, head]`` array (optionally for one condition)."""
+    d = df if condition is None else df[df["condition"] == condition]
+    m = d.groupby(["layer", "head"])[value].mean().unstack("head")
+    return m.to_numpy()
+
+
+def select_heads(scores: np.ndarray, pct: float = 5.0) -> list[tuple[int, int]]:
+    """The top ``pct``% heads (at least one) of a ``[layer, head]`` score matrix, best first."""
+    if not (isinstance(pct, (int, float)) and 0 < pct <= 100):
+        raise InterventionError(f"pct must be in (0, 100], got {pct!r}.")
+    k = max(1, int(round(pct / 100 * scores.size)))
+    flat = np.argsort(-np.nan_to_num(scores, nan=-np.inf), axis=None)[:k]
+    return [(int(i // scores.shape[1]), int(i % scores.shape[1])) for i in flat]
