@@ -44,7 +44,8 @@ class ChatTemplate:
     """How user segments become a chat prompt.
 
     The rendered text is ``system + user_prefix + seg_1 + sep + seg_2 … + assistant_prefix``; an image
-    segment is followed by ``image_sep`` instead of ``sep``. ``system`` (if not empty) is the ``system`` group,
+    segment is wrapped in ``image_prefix``/``image_suffix`` (e.g. Qwen's ``<|vision_start|>``/``<|vision_end|>``)
+    and followed by ``image_sep`` instead of ``sep``. ``system`` (if not empty) is the ``system`` group,
     the other glue is the ``template`` group.
     """
 
@@ -53,6 +54,8 @@ class ChatTemplate:
     sep: str = " "
     image_sep: str = "\n"
     assistant_prefix: str = " ASSISTANT:"
+    image_prefix: str = ""
+    image_suffix: str = ""
 
     def render(self, segments: Sequence[Segment]) -> list[Segment]:
         """Segments including the template's glue, in order."""
@@ -62,7 +65,11 @@ class ChatTemplate:
         if self.user_prefix:
             out.append(Segment("template", self.user_prefix))
         for i, seg in enumerate(segments):
+            if seg.is_image and self.image_prefix:
+                out.append(Segment("template", self.image_prefix))
             out.append(seg)
+            if seg.is_image and self.image_suffix:
+                out.append(Segment("template", self.image_suffix))
             if i < len(segments) - 1:
                 glue = self.image_sep if seg.is_image else self.sep
                 if glue:
@@ -81,7 +88,7 @@ class MLLMBatch:
         attention_mask: ``Int[Tensor, "batch pos"]``, 0 on padding.
         spans: per-group position masks (see :class:`~modality_circuits.spans.Spans`).
         model_inputs: architecture inputs for the image encoder (``pixel_values`` …), images in order of
-            appearance across the batch.
+            appearance across the batch: a tensor with one row per image, or a list with one entry per image.
         image_counts: number of images of each sample (to slice ``model_inputs`` per sample).
         texts: the rendered prompt text of each sample.
         samples: the source samples (if built from samples), for metrics that need answers.
@@ -103,7 +110,9 @@ class MLLMBatch:
         return self.tokens.shape[1]
 
     def to(self, device: torch.device | str) -> "MLLMBatch":
-        mi = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.model_inputs.items()}
+        mi = {k: (v.to(device) if isinstance(v, Tensor) else
+                  [x.to(device) for x in v] if isinstance(v, list) and v and isinstance(v[0], Tensor) else v)
+              for k, v in self.model_inputs.items()}
         return replace(self, tokens=self.tokens.to(device), attention_mask=self.attention_mask.to(device),
                        spans=self.spans.to(device), model_inputs=mi)
 
@@ -116,6 +125,8 @@ class MLLMBatch:
         for k, v in self.model_inputs.items():
             if isinstance(v, Tensor) and v.shape[0] == sum(self.image_counts):
                 mi[k] = v[img_idx]
+            elif isinstance(v, list) and len(v) == sum(self.image_counts):  # per-image list (variable sizes)
+                mi[k] = [v[j] for j in img_idx]
             else:
                 mi[k] = v
         idx = torch.tensor(index, dtype=torch.long, device=self.tokens.device)

@@ -20,12 +20,12 @@ DEFAULT_CORPUS = (
 
 
 def tiny_bpe_tokenizer(corpus: Sequence[str] | str = DEFAULT_CORPUS, vocab_size: int = 300,
-                       image_token: str = "<image>") -> Any:
+                       image_token: str = "<image>", extra_specials: Sequence[str] = ()) -> Any:
     """A Llama-style fast tokenizer (BPE, ``▁`` word prefix, BOS prepended) with ``image_token`` special."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", image_token]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", image_token, *extra_specials]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
@@ -78,3 +78,53 @@ def random_images(n: int, size: int = 32, seed: int = 0) -> list[Any]:
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def tiny_qwen_tokenizer(corpus: Sequence[str] | str = DEFAULT_CORPUS, vocab_size: int = 300) -> Any:
+    """A tiny fast tokenizer with Qwen-VL's special tokens (``<|image_pad|>`` as the image token)."""
+    return tiny_bpe_tokenizer(corpus, vocab_size, image_token="<|image_pad|>", extra_specials=QWEN_SPECIALS)
+
+
+def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
+                 n_kv_heads: int = 2, d_mlp: int = 128, mrope_section: Sequence[int] = (2, 3, 3),
+                 patch_size: int = 4, vision_depth: int = 2, d_vision: int = 32, seed: int = 0) -> Any:
+    """A random ``Qwen2VLForConditionalGeneration`` (``version="2"``) or ``Qwen2_5_VLForConditionalGeneration``
+    (``"2.5"``), eager attention, fp32. Use with ``Qwen2VLImageProcessorPil(patch_size=patch_size, ...)``."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*QWEN_SPECIALS, "<|image_pad|>")}
+    text = dict(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=512,
+                rms_norm_eps=1e-5, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    common = dict(image_token_id=ids["<|image_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"], video_token_id=ids["<|im_end|>"])
+    if version == "2":
+        vision = dict(depth=vision_depth, embed_dim=d_vision, hidden_size=d_model, num_heads=4, mlp_ratio=2,
+                      patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
+        cfg, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **common), Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        vision = dict(depth=vision_depth, hidden_size=d_vision, out_hidden_size=d_model, intermediate_size=2 * d_vision,
+                      num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+                      window_size=4 * patch_size, fullatt_block_indexes=[vision_depth - 1])
+        cfg, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common), Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+            else:  # norm weights stay near 1, biases get small random values
+                is_norm_weight = bool(p.abs().mean() > 0.5)
+                p.normal_(0, 0.05).add_(1.0 if is_norm_weight else 0.0)
+    model.config._attn_implementation = "eager"
+    return model.eval()

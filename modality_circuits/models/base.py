@@ -29,7 +29,7 @@ def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
 
 
 def adapter_for(hf_class_name: str) -> type["Adapter"]:
-    from . import llava  # noqa: F401  (architectures register on import)
+    from . import llava, qwen2_5_vl, qwen2_vl  # noqa: F401  (architectures register on import)
 
     if hf_class_name not in ADAPTERS:
         raise UnsupportedArchitectureError(
@@ -68,6 +68,15 @@ class Adapter(nn.Module):
 
     def default_template(self) -> ChatTemplate:
         return ChatTemplate()
+
+    # ---------------------------------------------------------------- positions
+    def install(self, model: nn.Module) -> None:
+        """Adjust the HookedTransformer after it is built (e.g. multimodal rotary). Default: nothing."""
+
+    def rope_positions(self, tokens: Tensor, attention_mask: Tensor, model_inputs: dict[str, Any]) -> Tensor | None:
+        """Architecture-specific rotary positions of a full prompt (``[3, batch, pos]`` for M-RoPE), or None
+        to use TransformerLens's 1-D positions from the attention mask."""
+        return None
 
     @property
     def device(self) -> torch.device:

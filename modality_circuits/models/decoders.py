@@ -75,6 +75,9 @@ def _qwen2_cfg(c: Any) -> dict:
 register_decoder("llama", DecoderSpec("LlamaForCausalLM", _llama_cfg, convert_llama_weights))
 register_decoder("mistral", DecoderSpec("MistralForCausalLM", _mistral_cfg, convert_mistral_weights))
 register_decoder("qwen2", DecoderSpec("Qwen2ForCausalLM", _qwen2_cfg, convert_qwen2_weights))
+# Qwen2-VL / Qwen2.5-VL text decoders are Qwen2 (their M-RoPE is installed by the adapter)
+register_decoder("qwen2_vl_text", DecoderSpec("Qwen2ForCausalLM", _qwen2_cfg, convert_qwen2_weights))
+register_decoder("qwen2_5_vl_text", DecoderSpec("Qwen2ForCausalLM", _qwen2_cfg, convert_qwen2_weights))
 
 
 def decoder_spec(text_config: Any) -> DecoderSpec:

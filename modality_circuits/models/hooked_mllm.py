@@ -52,6 +52,8 @@ class HookedMLLM(HookedTransformer):
         self.template = template or image_encoder.default_template()
         self.source = source
         self.pos_offset = 0  # set by every forward: number of KV-cached positions before the input
+        self.rope_positions: Tensor | None = None  # M-RoPE positions of the last full prompt (adapter-defined)
+        image_encoder.install(self)
         self.setup()
 
     # ================================================================== loading
@@ -179,7 +181,7 @@ class HookedMLLM(HookedTransformer):
                 start_at_layer: int | None = None, stop_at_layer: int | None = None,
                 past_kv_cache: TransformerLensKeyValueCache | None = None, tokens: Tensor | None = None,
                 loss_per_token: bool = False, image_features: Tensor | None = None, check_finite: bool = False,
-                **encoder_inputs: Any) -> Any:
+                rope_positions: Tensor | None = None, **encoder_inputs: Any) -> Any:
         """Forward pass (TL semantics) with images.
 
         Args:
@@ -190,6 +192,9 @@ class HookedMLLM(HookedTransformer):
             attention_mask: ``[batch, pos]``; taken from the batch when ``input`` is one.
             image_features: precomputed ``[img_tok, d_model]`` features (skip the vision tower).
             check_finite: raise :class:`NumericalError` if the logits hold NaN/inf.
+            rope_positions: architecture rotary positions of the whole prompt (M-RoPE: ``[3, batch, pos]``);
+                computed from the tokens by the adapter when a full prompt is given, kept for cached
+                continuations and for ``start_at_layer`` runs of the same prompt.
         """
         if isinstance(input, (str, list)) and (isinstance(input, str) or (input and isinstance(input[0], str))):
             input = self.prepare([input] if isinstance(input, str) else input,
@@ -210,6 +215,9 @@ class HookedMLLM(HookedTransformer):
             residual = self.embed_inputs(tokens, image_features=image_features, **encoder_inputs)
             if attention_mask is None:
                 attention_mask = torch.ones_like(tokens)
+            if rope_positions is None and self.pos_offset == 0:
+                rope_positions = self.image_encoder.rope_positions(tokens, attention_mask.to(tokens.device),
+                                                                   encoder_inputs)
             if past_kv_cache is not None:
                 attention_mask = past_kv_cache.append_attention_mask(attention_mask)
             start_at_layer = 0
@@ -217,6 +225,8 @@ class HookedMLLM(HookedTransformer):
             residual = input
             if past_kv_cache is not None and attention_mask is not None:
                 attention_mask = past_kv_cache.append_attention_mask(attention_mask)
+        if rope_positions is not None:
+            self.rope_positions = rope_positions
         out = super().forward(residual, return_type=return_type, start_at_layer=start_at_layer,
                               stop_at_layer=stop_at_layer, past_kv_cache=past_kv_cache,
                               attention_mask=attention_mask.to(self.cfg.device) if attention_mask is not None

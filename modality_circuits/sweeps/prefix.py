@@ -35,6 +35,7 @@ class CleanRun:
     resid: list[Tensor]  # per layer: [batch, pos, d_model]
     keys: list[Tensor]  # per layer: [batch, pos, n_kv_heads, d_head] (before rotary, as TL caches them)
     values: list[Tensor]
+    rope_positions: Tensor | None = None  # adapter rotary positions of the prompt (M-RoPE), if any
 
     @classmethod
     @torch.no_grad()
@@ -45,7 +46,7 @@ class CleanRun:
         _, cache = model.run_with_cache(batch, names_filter=lambda name: name in want, return_type=None)
         return cls(batch, [cache[f"blocks.{i}.hook_resid_pre"] for i in range(n)],
                    [cache[f"blocks.{i}.attn.hook_k"] for i in range(n)],
-                   [cache[f"blocks.{i}.attn.hook_v"] for i in range(n)])
+                   [cache[f"blocks.{i}.attn.hook_v"] for i in range(n)], getattr(model, "rope_positions", None))
 
     def prompt_pass(self, model: Any, l0: int, p0: int, repeats: int, with_cache: bool = True
                     ) -> Callable[[], tuple[Tensor, Any]]:
@@ -64,8 +65,9 @@ class CleanRun:
                 entries.append(TransformerLensKeyValueCacheEntry(rep(self.keys[layer][:, :upto]),
                                                                  rep(self.values[layer][:, :upto])))
             cache = TransformerLensKeyValueCache(entries, rep(mask[:, :p0]).to(torch.int))
+            extra = {} if self.rope_positions is None else {"rope_positions": self.rope_positions}
             logits = model(rep(self.resid[l0][:, p0:]), start_at_layer=l0, attention_mask=rep(mask[:, p0:]),
-                           past_kv_cache=cache)
+                           past_kv_cache=cache, **extra)
             return logits, (cache if with_cache else None)
 
         return run
