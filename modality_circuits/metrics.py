@@ -221,3 +221,32 @@ def summarize(df: pd.DataFrame, value: str, by: Sequence[str]) -> pd.DataFrame:
     half = 1.96 * out["std"].fillna(0) / np.sqrt(out["count"].clip(lower=1))
     out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
     return out
+
+
+def generations(model: Any, samples: Sequence[Any], batch_size: int = 16, max_new_tokens: int = 8,
+                progress: bool = True) -> pd.DataFrame:
+    """Greedy generations classified against the answers' candidate lists (``follow``/``competitor``/``other``).
+
+    One row per sample: ``sample_id, condition, task, generation, outcome``.
+    """
+    from .data.matching import classify
+
+    rows = []
+    for chunk, batch in iter_batches(model, samples, batch_size, desc="generating", progress=progress):
+        texts = model.generate(batch, max_new_tokens=max_new_tokens, return_type="str")
+        for s, t in zip(chunk, texts):
+            rows.append({"sample_id": s.id, "condition": s.follow, "task": s.task, "generation": t.strip(),
+                         "outcome": classify(t, s)})
+    return pd.DataFrame(rows)
+
+
+def mfr_open(model: Any, samples: Sequence[Any], batch_size: int = 16, max_new_tokens: int = 8,
+             progress: bool = True) -> dict[str, float]:
+    """Open-form MFR: share of greedy generations matching the instructed modality's answer (or a synonym).
+
+    Returns ``{"mfr", "competitor", "other", "n"}`` (shares of follow / competitor / neither).
+    """
+    df = generations(model, samples, batch_size, max_new_tokens, progress)
+    n = len(df)
+    share = {k: float((df["outcome"] == k).mean()) if n else float("nan") for k in ("follow", "competitor", "other")}
+    return {"mfr": share["follow"], "competitor": share["competitor"], "other": share["other"], "n": n}

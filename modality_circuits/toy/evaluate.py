@@ -1,7 +1,8 @@
 """Evaluation of a model on held-out synthetic data (``modality-circuits evaluate``) and the toy model card.
 
 Reports, in closed form (full-answer log-probabilities): MFR for vision-following and text-following conflict
-samples, accuracy on consistent samples and on the single-modality probes, and failure counts.
+samples, accuracy on consistent samples and on the single-modality probes, and failure counts; for conflict
+samples also the open form (greedy generation matched against the answers).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.synthetic import synthetic
-from ..metrics import score_dataset
+from ..metrics import mfr_open, score_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ def evaluate_model(model: Any, n: int = 200, seed: int = EVAL_SEED, batch_size: 
             idx = [i for i, x in enumerate(samples) if x.task == t]
             by_task[t] = round(float(ok[idx].float().mean()), 4)
         out[name]["by_task"] = by_task
+        if name.startswith("conflict"):
+            o = mfr_open(model, samples, batch_size=batch_size, progress=progress)
+            out[name]["open_form"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in o.items()}
     return out
 
 
@@ -50,7 +54,10 @@ def write_model_card(out_dir: Path, summary: dict) -> None:
 
     def row(k: str) -> str:
         v = m.get(k, {})
-        return f"| {k} | {v.get('accuracy', 'n/a')} | {v.get('failures', 'n/a')} | {v.get('by_task', '')} |"
+        o = v.get("open_form", {})
+        open_txt = f"{o['mfr']} / {o['competitor']} / {o['other']}" if o else "n/a"
+        return (f"| {k} | {v.get('accuracy', 'n/a')} | {v.get('failures', 'n/a')} | {open_txt} | "
+                f"{v.get('by_task', '')} |")
 
     text = f"""# toy-llava: a tiny LLaVA trained here to follow modality instructions
 
@@ -72,8 +79,8 @@ instructions verbatim; the three format sentences). Loss on the answer tokens + 
 
 n = {m.get('n_per_condition', '?')} per condition, seed {m.get('seed', '?')}.
 
-| condition | accuracy (MFR for conflict) | failures | by task |
-| --- | --- | --- | --- |
+| condition | accuracy (MFR for conflict) | failures | open form: follow / competitor / other | by task |
+| --- | --- | --- | --- | --- |
 {row('conflict_follow_image')}
 {row('conflict_follow_text')}
 {row('consistent')}
