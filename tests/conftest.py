@@ -145,3 +145,62 @@ def helpers() -> SimpleNamespace:
     """Helper functions for tests (fixtures, so test modules need not import conftest)."""
     return SimpleNamespace(hf_logits=hf_logits, max_diff_on_mask=max_diff_on_mask, two_prompts=two_prompts,
                            hf_position_ids=hf_position_ids, perturb_vectors=perturb_vectors, ATOL=ATOL)
+
+
+# ------------------------------------------------------------------------------- circuits fixtures
+# A word-level tokenizer over the synthetic vocabulary (so every synthetic answer is one known token), a tiny
+# 3-layer GQA model on it with the toy chat layout, seeded synthetic samples and hand-made samples with
+# multi-token answers of differing lengths (for full-answer scoring through the KV-cached continuation).
+
+#: Extra words the hand-made multi-token samples use.
+EXTRA_WORDS = "dark light very pale"
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer() -> Any:
+    from modality_circuits.toy.model import word_level_tokenizer
+
+    return word_level_tokenizer(EXTRA_WORDS)
+
+
+@pytest.fixture(scope="session")
+def circuit_model(word_tokenizer: Any) -> HookedMLLM:
+    """3 layers, 4 query heads sharing 2 KV heads, toy chat template (system prompt included)."""
+    from modality_circuits.toy.model import TOY_TEMPLATE
+
+    hf = tiny_llava(word_tokenizer, n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=128, seed=3)
+    perturb_vectors(hf, seed=3)
+    return HookedMLLM.from_hf(hf, word_tokenizer, template=TOY_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def syn_samples() -> list[Any]:
+    """Six seeded synthetic conflict samples (alternating image-/text-following; prompt lengths differ)."""
+    from modality_circuits.data.synthetic import synthetic
+
+    return synthetic(6, seed=0)
+
+
+def make_multi_token_samples() -> list[Any]:
+    """Conflict samples whose answers have 1-3 word-level tokens (lengths differ within and across samples)."""
+    from modality_circuits.data.sample import CONSTRAINTS, INSTRUCTIONS, Sample
+    from modality_circuits.data.synthetic import Scene, render
+
+    specs = [  # (answer_img, answer_text, follow, context sentence, constraint)
+        ("dark red", "light blue", "image", "The shape in the image is light blue .", CONSTRAINTS[0]),
+        ("green", "very dark yellow", "text", "The shape in the image is very dark yellow .", CONSTRAINTS[1]),
+        ("very pale purple", "white", "image", "The shape in the image is white .", CONSTRAINTS[2]),
+        ("light green", "red", "text", "The shape in the image is red .", CONSTRAINTS[0]),
+    ]
+    out = []
+    for i, (a_img, a_txt, follow, ctx, cons) in enumerate(specs):
+        img = render(Scene(color="red", shape="circle", count="one", position="left"))
+        out.append(Sample(image=img, context=ctx, instruction=INSTRUCTIONS[follow],
+                          question="What is the color of the shape?", constraint=cons, answer_img=a_img,
+                          answer_text=a_txt, follow=follow, task="color", id=f"multi-{i}"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def multi_samples() -> list[Any]:
+    return make_multi_token_samples()
