@@ -1,0 +1,1 @@
+"""The toy MLLM: a tiny LLaVA trained here on synthetic modality-conflict data (model, training, evaluation)."""
