@@ -1,0 +1,224 @@
+"""One self-contained HTML report from a results directory (opens offline: no CDN, no network).
+
+plotly.js is inlined once (``plotly.offline.get_plotlyjs()``) and every figure is embedded with
+``fig.to_html(full_html=False, include_plotlyjs=False)``; circuitsvis's browser bundle (global ``CircuitsVis``)
+is inlined once, and each attention view is a ``<div>`` plus a ``CircuitsVis.render`` call. A small script
+collects JavaScript errors into ``<pre id="mc-js-errors">`` (so a headless browser's dumped DOM shows them).
+
+The results directory is what ``modality-circuits reproduce`` (or the single-analysis commands) write; every
+file is optional and a missing one leaves its section with a note:
+
+==========================  ===========================================================================
+``manifest.json``           versions, model (+ sha256 of its weights), data, seed, arguments, stage timings
+``evaluate.json``           MFR per condition and general-ability accuracies (with failure counts)
+``knockout.csv``            :func:`~modality_circuits.sweeps.knockout.knockout_sweep`'s tidy table
+``contributions.csv``       :func:`~modality_circuits.lens.contributions`'s tidy table
+``anchors.csv``             :func:`~modality_circuits.lens.anchor_readout`'s table
+``head_scores.csv``         :func:`~modality_circuits.sweeps.heads.head_scores` tables (column ``method``)
+``heads_summary.csv``       :meth:`~modality_circuits.sweeps.head_experiment.HeadExperimentResult.summary`
+``heads_selection.json``    selected heads, random sets, split sizes
+``attention_views.json``    circuitsvis ``AttentionHeads`` props (:mod:`modality_circuits.viz.attention`)
+``image_attention.json``    :class:`~modality_circuits.viz.image_attention.ImageAttention` dicts
+==========================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from . import viz
+
+logger = logging.getLogger(__name__)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#23395d;color:#fff;padding:18px 32px}header h1{margin:0;font-size:24px}
+header p{margin:4px 0 0;opacity:.85}main{padding:8px 32px 40px;max-width:1400px}
+nav{margin:12px 0 0}nav a{color:#cfe0ff;margin-right:14px;font-size:14px}
+section{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:14px 20px;margin:18px 0}
+h2{margin-top:4px;font-size:20px;color:#23395d}p.note{color:#555;font-size:14px;margin:6px 0}
+table{border-collapse:collapse;font-size:14px;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 10px}
+th{background:#f0f3f8;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+pre{background:#f5f5f5;padding:10px;overflow:auto;font-size:12px;max-height:420px}
+.cv-view{margin:10px 0 24px;min-height:60px}#mc-js-errors{color:#b00;display:none}
+#mc-js-errors[data-count]:not([data-count="0"]){display:block}
+"""
+
+ERROR_COLLECTOR = """<script>
+window.__mcErrors = [];
+function __mcRecord(msg) {
+  window.__mcErrors.push(String(msg));
+  var el = document.getElementById('mc-js-errors');
+  if (el) { el.textContent = window.__mcErrors.join('\\n'); el.setAttribute('data-count', window.__mcErrors.length); }
+}
+window.addEventListener('error', function (e) { __mcRecord('error: ' + (e.message || e.type) + ' at ' +
+  (e.filename || '') + ':' + (e.lineno || '')); });
+window.addEventListener('unhandledrejection', function (e) { __mcRecord('unhandled rejection: ' + e.reason); });
+</script>"""
+
+FOOTER_SCRIPT = """<script>
+window.addEventListener('load', function () {
+  var el = document.getElementById('mc-js-errors');
+  if (el && !el.hasAttribute('data-count')) { el.setAttribute('data-count', window.__mcErrors.length); }
+  document.body.setAttribute('data-mc-loaded', '1');
+});
+</script>"""
+
+
+def _read_csv(d: Path, name: str) -> pd.DataFrame | None:
+    p = d / name
+    return pd.read_csv(p) if p.is_file() else None
+
+
+def _read_json(d: Path, name: str) -> Any:
+    p = d / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+class _Page:
+    """Collects sections; figures get stable div ids and optional PNG export."""
+
+    def __init__(self, png_dir: Path | None):
+        self.sections: list[tuple[str, str, str]] = []
+        self.n_fig = 0
+        self.n_cv = 0
+        self.png_dir = png_dir
+        self.pngs: list[str] = []
+
+    def figure(self, fig: Any, name: str) -> str:
+        self.n_fig += 1
+        if self.png_dir is not None and viz.save_png(fig, self.png_dir / f"{name}.png"):
+            self.pngs.append(f"{name}.png")
+        return fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}",
+                           config={"displaylogo": False, "responsive": True})
+
+    def attention(self, props: dict) -> str:
+        self.n_cv += 1
+        return viz.attention_heads_html(props, f"cv-{self.n_cv}")
+
+    def add(self, key: str, title: str, body: str) -> None:
+        self.sections.append((key, title, body))
+
+
+def _missing(what: str) -> str:
+    return f"<p class='note'><em>Not computed in this run ({html.escape(what)} missing).</em></p>"
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}", classes="data")
+
+
+def _summary_section(manifest: dict | None, evaluation: dict | None) -> str:
+    parts = []
+    if manifest:
+        m = manifest.get("model", {})
+        d = manifest.get("data", {})
+        parts.append("<table>" + "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in [
+                ("model", m.get("path", "?")), ("architecture", m.get("architecture", "?")),
+                ("data", d.get("source", "?")), ("conflict samples", d.get("n_conflict", "?")),
+                ("general-ability samples", d.get("n_general", "?")), ("seed", manifest.get("seed", "?")),
+                ("command", manifest.get("command", "?"))]) + "</table>")
+    if evaluation:
+        rows = []
+        for key, label in [("conflict_follow_image", "vision-following (MFR)"),
+                           ("conflict_follow_text", "text-following (MFR)"), ("consistent", "consistent samples"),
+                           ("image_probe", "image-only probes"), ("text_probe", "text-only probes")]:
+            v = evaluation.get(key)
+            if not v:
+                continue
+            n = v.get("n", evaluation.get("n_per_condition", "?"))
+            rows.append(f"<tr><td>{label}</td><td class='num'>{100 * v['accuracy']:.1f}%</td>"
+                        f"<td class='num'>{v.get('failures', '?')}</td><td class='num'>{n}</td></tr>")
+        parts.append("<p class='note'>Modality-following ratio (MFR, closed form: the instructed modality's answer "
+                     "out-scores the other's) and general-ability accuracies.</p>"
+                     "<table><tr><th>condition</th><th>accuracy / MFR</th><th>failures</th><th>n</th></tr>"
+                     + "".join(rows) + "</table>")
+    return "".join(parts) or _missing("manifest.json, evaluate.json")
+
+
+def build_report(results_dir: str | Path, out: str | Path | None = None, png: bool = True,
+                 title: str = "Modality following: instruction anchors report") -> Path:
+    """Write ``report.html`` (or ``out``) for a results directory; returns its path."""
+    import plotly.offline
+
+    d = Path(results_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"results directory not found: {d}")
+    out = Path(out) if out is not None else d / "report.html"
+    page = _Page(d / "figures" if png else None)
+    manifest = _read_json(d, "manifest.json")
+    evaluation = _read_json(d, "evaluate.json")
+    page.add("summary", "Summary", _summary_section(manifest, evaluation))
+
+    def section(key: str, name: str, files: list[str], make: Callable[..., str], *loaded: Any) -> None:
+        if any(x is None for x in loaded):
+            page.add(key, name, _missing(", ".join(files)))
+            return
+        try:
+            page.add(key, name, make(*loaded))
+        except Exception as e:  # a broken file must not lose the rest of the report
+            logger.warning("report section %r failed: %s", name, e)
+            page.add(key, name, f"<p class='note'>Could not draw this section: {html.escape(str(e))}</p>")
+
+    ko = _read_csv(d, "knockout.csv")
+    section("knockout", "Attention knockout (information flow)", ["knockout.csv"], lambda df: (
+        "<p class='note'>Blocking attention from source to destination tokens (src ↛ dst) at a window of layers; "
+        "y = mean relative change of the binary following probability ×100 with 95% CI.</p>"
+        + page.figure(viz.knockout_curves(df), "knockout")), ko)
+    co = _read_csv(d, "contributions.csv")
+    section("contributions", "Attention vs MLP contributions", ["contributions.csv"],
+            lambda df: page.figure(viz.contribution_bars(df), "contributions"), co)
+    an = _read_csv(d, "anchors.csv")
+    section("anchors", "Anchor read-out (logit lens)", ["anchors.csv"], lambda df: (
+        "<p class='note'>Share of positions whose logit-lens decision (following vs competitor answer) agrees with "
+        "the model's final answer, at the instruction tokens and the last position.</p>"
+        + page.figure(viz.anchor_lines(df), "anchors")), an)
+    sel = _read_json(d, "heads_selection.json") or {}
+    hs = _read_csv(d, "head_scores.csv")
+    section("heads", "Head scores", ["head_scores.csv"], lambda df: (
+        "<p class='note'>Mean score per head on the selection split (ring: selected heads).</p>"
+        + page.figure(viz.head_heatmaps(df, selected=sel.get("selected", [])), "head_scores")), hs)
+    sm = _read_csv(d, "heads_summary.csv")
+    section("blocking", "Blocking and amplifying the selected heads", ["heads_summary.csv"], lambda df: (
+        viz.results_table_html(df, split=sel.get("split_sizes"), selected=sel.get("selected", []),
+                               n_random=sel.get("n_random"))), sm)
+    views = _read_json(d, "attention_views.json")
+    section("attention", "Attention patterns of the top heads", ["attention_views.json"], lambda vs: "".join(
+        f"<h3>{html.escape(v.get('_title', ''))}</h3><p class='note'>Token groups: "
+        f"{html.escape(', '.join(v.get('_meta', {}).get('groups', [])))}"
+        f"{'; pooled: ' + ', '.join(v['_meta']['pooled']) if v.get('_meta', {}).get('pooled') else ''}. "
+        "Weights are the model's (not renormalised over the shown tokens).</p>" + page.attention(v)
+        for v in vs) or "<p class='note'>No views.</p>", views)
+    ia = _read_json(d, "image_attention.json")
+    section("image-attention", "Attention over the image", ["image_attention.json"], lambda items: (
+        "<p class='note'>Attention from the query tokens to each image patch, on the vision tower's patch grid.</p>"
+        + page.figure(viz.image_attention_figure([viz.ImageAttention.from_dict(x) for x in items]),
+                      "image_attention")), ia)
+    body_manifest = (f"<pre>{html.escape(json.dumps(manifest, indent=2))}</pre>" if manifest
+                     else _missing("manifest.json"))
+    if manifest and manifest.get("timings"):
+        t = pd.DataFrame([{"stage": k, "seconds": v} for k, v in manifest["timings"].items()])
+        body_manifest = _table(t) + body_manifest
+    page.add("manifest", "Run manifest", body_manifest)
+
+    nav = "".join(f"<a href='#{k}'>{html.escape(t)}</a>" for k, t, _ in page.sections)
+    sections = "".join(f"<section id='{k}'><h2>{html.escape(t)}</h2>{b}</section>" for k, t, b in page.sections)
+    cv_js = f"<script>{viz.circuitsvis_bundle()}</script>" if page.n_cv else ""
+    subtitle = html.escape(str((manifest or {}).get("model", {}).get("path", d)))
+    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{CSS}</style>"
+           f"{ERROR_COLLECTOR}<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>{cv_js}"
+           f"</head><body><header><h1>{html.escape(title)}</h1><p>{subtitle}</p><nav>{nav}</nav></header>"
+           f"<main><pre id='mc-js-errors'></pre>{sections}</main>{FOOTER_SCRIPT}</body></html>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(doc, encoding="utf-8")
+    logger.info("wrote %s (%d figures, %d attention views, %.1f MB)", out, page.n_fig, page.n_cv,
+                out.stat().st_size / 1e6)
+    return out
