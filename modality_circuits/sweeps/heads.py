@@ -103,23 +103,24 @@ def attribution_batch(model: Any, batch: Any, mode: str = "zero", baseline: Tens
     zs: dict[int, Tensor] = {}
 
     def keep(z: Tensor, hook: Any) -> Tensor:
-        z.retain_grad()
+        if not z.requires_grad:  # frozen parameters (model.requires_grad_(False)): z becomes a leaf
+            z = z.detach().requires_grad_(True)
         zs[int(hook.name.split(".")[1])] = z
         return z
 
+    # autograd.grad w.r.t. the z's only: no parameter gradients are computed, and the user's .grad is untouched
     with torch.enable_grad(), model.hooks(fwd_hooks=[(f"blocks.{i}.attn.hook_z", keep) for i in range(L)]):
         logits = model(batch)
-        _first_token_ld(model, logits, f, c).sum().backward()
+        grads = torch.autograd.grad(_first_token_ld(model, logits, f, c).sum(), [zs[i] for i in range(L)])
     pm = None if positions is None else batch.spans.mask(
         positions if isinstance(positions, str) else list(positions), allow_empty=True)
     out = []
     for i in range(L):
-        z, g = zs[i].detach(), zs[i].grad
+        z, g = zs[i].detach(), grads[i]
         b = 0 if base is None else base[i][None, None]
         est = (g * (b - z)).sum(-1)  # [batch, pos, n_heads]
         est = est * (batch.attention_mask.bool() if pm is None else pm)[..., None].to(est.dtype)
         out.append(est.sum(1).T)  # [n_heads, batch]
-    model.zero_grad(set_to_none=True)
     return torch.stack(out).detach().cpu()
 
 

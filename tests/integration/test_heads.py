@@ -254,6 +254,25 @@ def test_attribution_equals_the_analytic_gradient(circuit_model, syn_batch, mode
         torch.testing.assert_close(att[layer, head].double(), fd, atol=2e-3, rtol=2e-2)
 
 
+def test_attribution_with_frozen_parameters_and_existing_grads(circuit_model, syn_batch):
+    """Attribution needs gradients w.r.t. activations only: it works on a frozen model and leaves .grad alone."""
+    model = circuit_model
+    ref = attribution_batch(model, syn_batch)
+    w = model.W_U
+    sentinel = torch.full_like(w, 7.0)
+    try:
+        w.grad = sentinel.clone()
+        torch.testing.assert_close(attribution_batch(model, syn_batch), ref)
+        assert torch.equal(w.grad, sentinel)  # a user's accumulated gradient survives
+        w.grad = None
+        model.requires_grad_(False)
+        torch.testing.assert_close(attribution_batch(model, syn_batch), ref)
+    finally:
+        model.requires_grad_(True)
+        w.grad = None
+    assert_no_hooks(model)
+
+
 def test_attribution_tracks_exact_ablation(circuit_model, syn_batch):
     """On this model the first-order estimate agrees with the exact effect in sign for most (head, sample)."""
     att = attribution_batch(circuit_model, syn_batch)
