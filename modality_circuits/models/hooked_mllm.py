@@ -262,8 +262,13 @@ class HookedMLLM(HookedTransformer):
         else:
             tokens = batch.tokens
             logits = self(batch)
+        img_id = self.image_encoder.image_token_id
         for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)
+            last = logits[:, -1]
+            if 0 <= img_id < last.shape[-1]:  # never emit the image placeholder: it would need image features
+                last = last.clone()
+                last[:, img_id] = float("-inf")
+            nxt = last.argmax(-1)
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             out.append(nxt)
             if eos is not None:
