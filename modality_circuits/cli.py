@@ -282,8 +282,11 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
 
 # ================================================================================================ stages
 def stage_evaluate(run: Run, model: Any, conflict: list, general: list, args: argparse.Namespace) -> dict:
-    """MFR per condition and general-ability accuracy on the analysed samples (``evaluate.json``, ``mfr.csv``)."""
-    from .metrics import score_dataset
+    """MFR per condition (closed and open form) and general-ability accuracy on the analysed samples.
+
+    Writes ``evaluate.json``, ``mfr.csv`` (per-sample scores) and ``generations.csv`` (greedy answers, classified).
+    """
+    from .metrics import generations, score_dataset
 
     with run.stage("mfr") as info:
         samples = conflict + general
@@ -291,6 +294,15 @@ def stage_evaluate(run: Run, model: Any, conflict: list, general: list, args: ar
         df = scores.to_frame(samples)
         run.csv(df, "mfr.csv")
         ev = summarize_accuracy(df)
+        gen = generations(model, conflict, batch_size=args.batch_size, progress=not run.quiet)
+        run.csv(gen, "generations.csv")
+        for cond in ("image", "text"):
+            g = gen[gen["condition"] == cond]
+            if len(g) and f"conflict_follow_{cond}" in ev:
+                ev[f"conflict_follow_{cond}"]["open_form"] = {
+                    "mfr": round(float((g["outcome"] == "follow").mean()), 4),
+                    "competitor": round(float((g["outcome"] == "competitor").mean()), 4),
+                    "other": round(float((g["outcome"] == "other").mean()), 4), "n": int(len(g))}
         run.json(ev, "evaluate.json")
         run.results["evaluate"] = ev
         info["summary"] = accuracy_line(ev)

@@ -134,12 +134,17 @@ def _summary_section(manifest: dict | None, evaluation: dict | None) -> str:
             if not v:
                 continue
             n = v.get("n", evaluation.get("n_per_condition", "?"))
+            o = v.get("open_form") or {}
+            open_txt = (f"{100 * o['mfr']:.1f}% / {100 * o['competitor']:.1f}% / {100 * o['other']:.1f}%"
+                        if o else "–")
             rows.append(f"<tr><td>{label}</td><td class='num'>{100 * v['accuracy']:.1f}%</td>"
-                        f"<td class='num'>{v.get('failures', '?')}</td><td class='num'>{n}</td></tr>")
-        parts.append("<p class='note'>Modality-following ratio (MFR, closed form: the instructed modality's answer "
-                     "out-scores the other's) and general-ability accuracies.</p>"
-                     "<table><tr><th>condition</th><th>accuracy / MFR</th><th>failures</th><th>n</th></tr>"
-                     + "".join(rows) + "</table>")
+                        f"<td class='num'>{v.get('failures', '?')}</td><td class='num'>{open_txt}</td>"
+                        f"<td class='num'>{n}</td></tr>")
+        parts.append("<p class='note'>Modality-following ratio (MFR). Closed form: the instructed modality's answer "
+                     "out-scores the other's; open form: the greedy generation matches the instructed answer / the "
+                     "other modality's answer / neither. General-ability accuracies below.</p>"
+                     "<table><tr><th>condition</th><th>accuracy / MFR (closed)</th><th>failures</th>"
+                     "<th>open form: follow / competitor / other</th><th>n</th></tr>" + "".join(rows) + "</table>")
     return "".join(parts) or _missing("manifest.json, evaluate.json")
 
 

@@ -331,7 +331,8 @@ modality-circuits reproduce --model /models/llava-1.5-7b-hf \\
 ]
 
 
-def build() -> list[Path]:
+def build(out_dir: Path = HERE) -> list[Path]:
+    """Write every notebook (no outputs, stable cell ids) to ``out_dir``; returns the paths."""
     paths = []
     for name, cells in NOTEBOOKS.items():
         for i, c in enumerate(cells):
@@ -339,7 +340,7 @@ def build() -> list[Path]:
         nb = new_notebook(cells=cells, metadata={
             "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
             "language_info": {"name": "python"}})
-        path = HERE / f"{name}.ipynb"
+        path = Path(out_dir) / f"{name}.ipynb"
         nbformat.validate(nb)
         nbformat.write(nb, path)
         paths.append(path)

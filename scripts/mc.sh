@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up .venv (pinned, idempotent) and then runs
 #   bash scripts/mc.sh reproduce [ARGS...]   the main job (modality-circuits reproduce)
-#   bash scripts/mc.sh test [PYTEST ARGS...]  the test suite (what .ci/run calls)
+#   bash scripts/mc.sh test [PYTEST ARGS...]  the test suite (what .ci/run calls; installs chromium if it can)
 #   bash scripts/mc.sh setup                  only the environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,21 @@ setup() {
   echo "$stamp_src" > "$VENV/.mc-stamp"
 }
 
+# Headless Chromium for the report's browser test (Debian package `chromium`). Best effort and idempotent: never
+# fails the run; without it tests/integration/test_report.py skips its browser checks with a reason.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  [ "${MC_NO_CHROMIUM:-0}" = 1 ] && return 0
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[mc] installing chromium for the report test (apt-get)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      >/dev/null 2>&1 || echo "[mc] chromium could not be installed; the browser test will be skipped" >&2
+  else
+    echo "[mc] no chromium and no apt-get as root; the browser test will be skipped" >&2
+  fi
+  return 0
+}
+
 cmd=${1:-help}; shift || true
 case "$cmd" in
   setup) setup ;;
@@ -35,6 +50,7 @@ case "$cmd" in
     exec "$VENV/bin/modality-circuits" reproduce "$@" ;;
   test)
     setup
+    ensure_chromium
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: bash scripts/mc.sh {reproduce|test|setup} [args...]" >&2; exit 2 ;;
 esac
