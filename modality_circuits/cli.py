@@ -668,8 +668,17 @@ def _head_opts(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``modality-circuits``."""
-    parser = argparse.ArgumentParser(prog="modality-circuits", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="modality-circuits", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Mechanistic interpretability of modality following in multimodal LLMs: which layers, heads and "
+                    "token groups decide\nwhether the model follows the image or the text when the instruction says "
+                    "which to trust.",
+        epilog="examples:\n"
+               "  modality-circuits reproduce                      # the shipped toy model + synthetic data\n"
+               "  modality-circuits evaluate --model DIR\n"
+               "  modality-circuits knockout --data FILE.json --images COCO_DIR --window 9 --device cuda\n"
+               "  modality-circuits report runs/reproduce\n"
+               "run `modality-circuits COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     n_syn = "synthetic: number of conflict samples, half per condition (default: 200); JSON: first N records " \
             "(default: all)"

@@ -148,3 +148,63 @@ def test_report_renders_in_chromium(results: Path, tmp_path: Path) -> None:
     chromium((results / "report.html").as_uri(), "--hide-scrollbars", "--window-size=1400,9000",
              f"--screenshot={shot}", tmp=tmp_path)
     assert shot.is_file() and shot.stat().st_size > 50_000
+
+
+# ------------------------------------------------------------------------------------ attention views
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_image_attention_matches_the_pattern(strategy: str) -> None:
+    """The grid is the query's attention to the image tokens in row-major patch order (CLS dropped for "full")."""
+    import numpy as np
+    import torch
+
+    from modality_circuits import HookedMLLM
+    from modality_circuits.data import synthetic
+    from modality_circuits.testing import tiny_bpe_tokenizer, tiny_llava
+    from modality_circuits.viz.image_attention import image_attention_maps
+
+    tok = tiny_bpe_tokenizer()
+    model = HookedMLLM.from_hf(tiny_llava(tok, vision_feature_select_strategy=strategy), tok)
+    samples = synthetic(2, seed=0, image_size=32)
+    for s in samples:  # words the tiny tokenizer knows
+        s.answer_img, s.answer_text = "red", "blue"
+    batch = model.prepare(samples)
+    maps = image_attention_maps(model, batch, 1, [("instruction", None, None), ("last", 1, 2), (-1, 1, 2)])
+    _, cache = model.run_with_cache(batch)
+    img = batch.spans.positions("image.0", 1)
+    assert len(img) == 16 + (strategy == "full")
+    a = cache["blocks.1.attn.hook_pattern"][1, 2, -1, img].numpy()  # last query, layer 1, head 2
+    cls, patches = (a[0], a[1:]) if strategy == "full" else (0.0, a)
+    for m in maps[1:]:
+        np.testing.assert_allclose(m.grid, patches.reshape(4, 4), atol=1e-6)
+        assert m.cls_mass == pytest.approx(float(cls), abs=1e-6)
+    q = batch.spans.positions("instruction", 1)
+    every = torch.stack([cache[f"blocks.{i}.attn.hook_pattern"][1][:, q][:, :, img] for i in range(2)])
+    want = every.mean(2).mean(1).mean(0).numpy()[int(strategy == "full"):]
+    np.testing.assert_allclose(maps[0].grid, want.reshape(4, 4), atol=1e-6)
+    assert maps[0].image.shape == (32, 32, 3) and maps[0].image.dtype == np.uint8
+    fig = viz.image_attention_figure(maps)
+    assert len(fig.data) == 3 * 4  # image, heatmap, image + overlay per row
+
+
+def test_attention_view_props_restrict_and_pool() -> None:
+    import numpy as np
+
+    from modality_circuits import HookedMLLM
+    from modality_circuits.data import synthetic
+    from modality_circuits.testing import tiny_bpe_tokenizer, tiny_llava
+
+    tok = tiny_bpe_tokenizer()
+    model = HookedMLLM.from_hf(tiny_llava(tok), tok)
+    batch = model.prepare(synthetic(2, seed=0, image_size=32))
+    full = viz.attention_view_props(model, batch, 0, [(0, 1), (1, 3)], groups=("image", "instruction", "last"))
+    n = sum(int(batch.spans.mask(g, allow_empty=True)[0].sum()) for g in ("image", "instruction", "last"))
+    att = np.asarray(full["attention"])
+    assert att.shape == (2, n, n) and full["tokens"][0] == "<img_0>" and full["attentionHeadNames"] == ["L0.H1", "L1.H3"]
+    assert np.allclose(np.triu(att, 1), 0) and (att.sum(-1) <= 1 + 1e-5).all()
+    pooled = viz.attention_view_props(model, batch, 0, [(0, 1)], groups=("image", "instruction", "last"),
+                                      pool=["image"])
+    p = np.asarray(pooled["attention"])[0]
+    assert pooled["tokens"][0] == "[image]" and p.shape == (n - 15, n - 15)
+    np.testing.assert_allclose(p[1:, 0], att[0, 16:, :16].sum(-1), atol=2e-4)  # keys: summed over the image
+    html = viz.attention_heads_html(pooled, "v1")
+    assert "CircuitsVis.AttentionHeads" in html and "_meta" not in html
