@@ -587,6 +587,9 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
     summary = train_toy(out, cfg, progress=not args.quiet, evaluate_fn=evaluate)
     write_model_card(out, summary)
     m = summary.get("metrics", {})
+    for v in m.values():
+        if isinstance(v, dict) and "accuracy" in v:
+            v.setdefault("n", m.get("n_per_condition"))
     if not args.quiet:
         print(f"[train-toy] {summary['steps_done']} steps in {summary['train_minutes']} min, final loss "
               f"{summary['final_loss']:.4f}; {accuracy_line(m)}")
@@ -746,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if v is not None and v < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1 (got {v})", file=sys.stderr)
             return 2
+    det = _deterministic_state()
     try:
         return int(args.func(args) or 0)
     except (ModalityCircuitsError, FileNotFoundError) as e:
@@ -755,6 +759,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:  # main() may run inside another program (tests, notebooks): leave torch's global mode as it was
+        if det is not None:
+            import torch
+
+            torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+
+
+def _deterministic_state() -> tuple[bool, bool] | None:
+    if "torch" not in sys.modules:
+        return (False, False)
+    import torch
+
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
 
 
 if __name__ == "__main__":
