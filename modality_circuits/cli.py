@@ -394,7 +394,7 @@ def stage_heads(run: Run, model: Any, conflict: list, general: list, args: argpa
     import pandas as pd
 
     from .sweeps.head_experiment import heads_experiment
-    from .sweeps.heads import head_scores
+    from .sweeps.heads import head_scores, score_matrix, select_heads
 
     conflict = usable_for_lens(model, conflict)
     with run.stage("heads") as info:
@@ -417,7 +417,9 @@ def stage_heads(run: Run, model: Any, conflict: list, general: list, args: argpa
         summary = res.summary()
         run.csv(summary, "heads_summary.csv")
         sizes = {k: len(v) for k, v in res.split.items()}
-        run.json({"selected": res.selected, "random_sets": res.random_sets, "split_sizes": sizes,
+        ranked = select_heads(score_matrix(res.scores, cond), 100.0)  # every head, best first
+        run.json({"selected": res.selected, "ranked": ranked[:max(args.top_heads, 20)],
+                  "random_sets": res.random_sets, "split_sizes": sizes,
                   "split": res.split, "method": args.method, "pct": args.pct, "n_random": args.n_random,
                   "mode": args.mode, "alphas": _csv_list(args.alphas, float)}, "heads_selection.json")
         blocked = {}
@@ -435,12 +437,14 @@ def stage_heads(run: Run, model: Any, conflict: list, general: list, args: argpa
                            + f" on {sizes['selection']} samples; blocking on {sizes['evaluation']}: " + "; ".join(
                                f"{c} MFR {v['mfr']:.2f}→{v['blocked']:.2f} (random {v['random_mean']:.2f})"
                                for c, v in blocked.items()))
-    stage_attention_views(run, model, [s for s in conflict if s.id not in sel_ids] or conflict, res.selected, args)
+    stage_attention_views(run, model, [s for s in conflict if s.id not in sel_ids] or conflict,
+                          ranked[:args.top_heads], args)
     return res
 
 
 def stage_attention_views(run: Run, model: Any, samples: list, heads: list, args: argparse.Namespace) -> None:
-    """circuitsvis views of the top heads and attention over the image, one sample per condition."""
+    """circuitsvis views of ``heads`` (the top heads by score) and attention over the image, one sample per
+    condition (from the evaluation split)."""
     from .errors import ModalityCircuitsError as MCE
     from .viz.attention import attention_view_props
     from .viz.image_attention import image_attention_maps
@@ -448,14 +452,15 @@ def stage_attention_views(run: Run, model: Any, samples: list, heads: list, args
     with run.stage("attention views") as info:
         picks = [next((s for s in samples if s.follow == c), None) for c in ("image", "text")]
         picks = [s for s in picks if s is not None]
-        top = [tuple(h) for h in heads[:args.top_heads]]
+        top = [tuple(h) for h in heads]
         views, maps = [], []
         if picks:
             batch = model.prepare(picks)
             for i, s in enumerate(picks):
                 if top:
                     p = attention_view_props(model, batch, i, top)
-                    p["_title"] = f"{s.id} ({'vision' if s.follow == 'image' else 'text'}-following): top heads"
+                    p["_title"] = (f"{s.id} ({'vision' if s.follow == 'image' else 'text'}-following): the "
+                                  f"{len(top)} top-scoring heads")
                     views.append(p)
                 specs = [("instruction", None, None), ("last", None, None)]
                 if top:

@@ -223,7 +223,8 @@ def test_reproduce_writes_everything(reproduce_runs: tuple[Path, Path], toy_dir:
     assert ev["conflict_follow_image"]["n"] == 4 and ev["conflict_follow_text"]["n"] == 4
     assert {"consistent", "image_probe", "text_probe"} <= set(ev)
     views = json.loads((out / "attention_views.json").read_text())
-    assert len(views) == 2 and all(len(v["attention"]) == len(sel["selected"]) for v in views)
+    assert len(views) == 2 and all(len(v["attention"]) == 6 for v in views)  # --top-heads default
+    assert [tuple(h) for h in sel["ranked"][:len(sel["selected"])]] == [tuple(h) for h in sel["selected"]]
     maps = json.loads((out / "image_attention.json").read_text())
     assert len(maps) == 6 and all(len(x["grid"]) == 4 for x in maps)  # 32 px / 8 px patches
 
