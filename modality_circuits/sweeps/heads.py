@@ -52,9 +52,17 @@ def ablation_scan_batch(model: Any, batch: Any, mode: str = "zero", positions: s
     if mode not in ("zero", "mean"):
         raise InterventionError(f"Ablation mode must be 'zero' or 'mean', got {mode!r}.")
     L, H, B = model.cfg.n_layers, model.cfg.n_heads, len(batch)
-    base_lp = following_scores(model, batch, first_token)
+    clean = CleanRun.record(model, batch) if method == "cached" else None
+    kept_base: dict[str, Tensor] = {}
+
+    def base_pass() -> tuple[Tensor, Any]:  # clean scores from the recorded run: redo only the last block at the end
+        kept_base["logits"], cache = clean.prompt_pass(model, L - 1, batch.seq_len - 1, 1,
+                                                       with_cache=not first_token)()
+        return kept_base["logits"], cache
+
+    base_lp = following_scores(model, batch, first_token, prompt_pass=base_pass if clean is not None else None)
     f, c = _answer_dirs(model, batch.samples)
-    base_ld = _first_token_ld(model, model(batch), f, c)
+    base_ld = _first_token_ld(model, kept_base["logits"] if clean is not None else model(batch), f, c)
     base = baseline if baseline is not None else (mean_z(model, batch) if mode == "mean" else None)
     pos_mask = None if positions is None else batch.spans.mask(
         positions if isinstance(positions, str) else list(positions), allow_empty=True)
@@ -62,7 +70,6 @@ def ablation_scan_batch(model: Any, batch: Any, mode: str = "zero", positions: s
         positions if isinstance(positions, str) else list(positions)).min())
     delta = torch.zeros(L, H, B)
     dlog = torch.zeros(L, H, B)
-    clean = CleanRun.record(model, batch) if method == "cached" else None
     for layer in range(L):
         if method == "cached":
             s = torch.ones(H, H)

@@ -460,3 +460,30 @@ def test_heads_experiment_bad_input(circuit_model, syn_samples):
                     (dict(pct=0), "pct must be")]:
         with pytest.raises(InterventionError, match=msg):
             heads_experiment(circuit_model, syn_samples, method="dla", progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------------------- M-RoPE
+@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize("positions", [None, "last"])
+def test_cached_head_scan_equals_naive_under_mrope(version, positions):
+    """Qwen2-VL's 3-D rotary positions survive the layer-prefix cache (base scores included)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from modality_circuits import HookedMLLM
+    from modality_circuits.data import INSTRUCTIONS, Sample
+    from modality_circuits.testing import random_images, tiny_qwen_tokenizer, tiny_qwen_vl
+
+    tok = tiny_qwen_tokenizer()
+    proc = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                    size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32})
+    model = HookedMLLM.from_hf(tiny_qwen_vl(tok, version=version), tok, proc)
+    ims = random_images(2, 32, seed=7)
+    samples = [Sample(image=ims[i], context="the shape is red." if i else "blue", instruction=INSTRUCTIONS[f],
+                      question="What is the color of the shape?", constraint="The answer is", answer_img="blue",
+                      answer_text="red circle", follow=f, id=str(i)) for i, f in enumerate(["image", "text"])]
+    b = model.prepare(samples)
+    cached = ablation_scan_batch(model, b, "zero", positions, method="cached")
+    naive = ablation_scan_batch(model, b, "zero", positions, method="naive")
+    for k in ("delta", "d_logit"):
+        assert close(cached[k], naive[k]) < ATOL, k
+    assert cached["d_logit"].abs().max() > 1e-3
