@@ -52,8 +52,8 @@ class Run:
         self.quiet = bool(getattr(args, "quiet", False))
         self.timings: dict[str, float] = {}
         self.t0 = time.time()
-        self.manifest: dict[str, Any] = {"command": command, "argv": sys.argv[1:], "args": _jsonable({k: v for k, v in vars(args).items()
-                                                                            if k != "func"}),
+        arguments = {k: v for k, v in vars(args).items() if k != "func"}
+        self.manifest: dict[str, Any] = {"command": command, "argv": sys.argv[1:], "args": _jsonable(arguments),
                                          "seed": getattr(args, "seed", None), "started": _now(),
                                          "versions": versions(), "timings": self.timings}
         self.results: dict[str, Any] = {}
@@ -193,7 +193,8 @@ def load_data(args: argparse.Namespace, model: Any, run: Run | None = None) -> t
     if args.data in (None, "synthetic"):
         n = args.n if args.n is not None else 200
         if n < 4:
-            raise ModalityCircuitsError(f"--n must be at least 4 (got {n}): both conditions and two splits need samples.")
+            raise ModalityCircuitsError(f"--n must be at least 4 (got {n}): both conditions and two splits need "
+                                        "samples.")
         size = int(getattr(model.image_encoder, "image_size", 32))
         conflict = synthetic(n, seed=args.seed, kind="conflict", image_size=size)
         ng = args.n_general if args.n_general is not None else max(4, n // 4)
@@ -276,7 +277,8 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
             raise ModalityCircuitsError(f"--layers: cannot parse {part!r}; use e.g. 0,2,5 or 3-7.") from None
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad:
-        raise ModalityCircuitsError(f"--layers: {bad} out of range; the model has {n_layers} layers (0..{n_layers - 1}).")
+        raise ModalityCircuitsError(f"--layers: {bad} out of range; the model has {n_layers} layers "
+                                    f"(0..{n_layers - 1}).")
     return out
 
 

@@ -49,7 +49,8 @@ format sentence), so every token's group is known by construction. This notebook
 in `assets/toy-llava` (trained here on synthetic data; set `MC_MODEL` to another local folder to change it).
 """),
     code(SETUP),
-    md("## One synthetic conflict sample\nThe image and the text context disagree; the instruction says which to follow."),
+    md("## One synthetic conflict sample\nThe image and the text context disagree; the instruction says which to "
+       "follow."),
     code("""
 from modality_circuits.data import synthetic
 

@@ -247,7 +247,8 @@ def test_other_seed_other_samples(toy_dir: Path, reproduce_runs: tuple[Path, Pat
 
 def test_single_analyses_and_report(toy_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     common = ["--model", str(toy_dir), "--out", str(tmp_path), "--n", "4", "--threads", "1"]
-    rc, out, _ = run_cli(["knockout", *common, "--edges", "image->last,context->last", "--layers", "0", "--window-mode", "start",
+    rc, out, _ = run_cli(["knockout", *common, "--edges", "image->last,context->last", "--layers", "0",
+                          "--window-mode", "start",
                           "--window", "2"], capsys)
     assert rc == 0 and "[knockout]" in out
     ko = pd.read_csv(tmp_path / "knockout.csv")

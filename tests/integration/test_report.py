@@ -199,7 +199,8 @@ def test_attention_view_props_restrict_and_pool() -> None:
     full = viz.attention_view_props(model, batch, 0, [(0, 1), (1, 3)], groups=("image", "instruction", "last"))
     n = sum(int(batch.spans.mask(g, allow_empty=True)[0].sum()) for g in ("image", "instruction", "last"))
     att = np.asarray(full["attention"])
-    assert att.shape == (2, n, n) and full["tokens"][0] == "<img_0>" and full["attentionHeadNames"] == ["L0.H1", "L1.H3"]
+    assert att.shape == (2, n, n) and full["tokens"][0] == "<img_0>"
+    assert full["attentionHeadNames"] == ["L0.H1", "L1.H3"]
     assert np.allclose(np.triu(att, 1), 0) and (att.sum(-1) <= 1 + 1e-5).all()
     pooled = viz.attention_view_props(model, batch, 0, [(0, 1)], groups=("image", "instruction", "last"),
                                       pool=["image"])
