@@ -49,13 +49,14 @@ class Adapter(nn.Module):
     # ---------------------------------------------------------------- structure
     @staticmethod
     def text_config(hf_config: Any) -> Any:
-        """The HF config of the language model inside the multimodal config."""
-        raise NotImplementedError
+        """The HF config of the language model inside the multimodal config (transformers 5 layout)."""
+        return hf_config.text_config
 
     @staticmethod
     def language_model(hf_model: nn.Module) -> tuple[nn.Module, nn.Module]:
-        """(decoder body with ``embed_tokens``/``layers``/``norm``, ``lm_head``) of the HF model."""
-        raise NotImplementedError
+        """(decoder body with ``embed_tokens``/``layers``/``norm``, ``lm_head``) of the HF model
+        (transformers 5 layout: ``model.model.language_model`` and ``model.lm_head``)."""
+        return hf_model.model.language_model, hf_model.lm_head
 
     # ------------------------------------------------------------------- images
     def process_images(self, images: list[Any]) -> tuple[dict[str, Any], list[int]]:

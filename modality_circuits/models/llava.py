@@ -52,14 +52,6 @@ class LlavaAdapter(Adapter):
         return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                      image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
-    @staticmethod
-    def text_config(hf_config: Any) -> Any:
-        return hf_config.text_config
-
-    @staticmethod
-    def language_model(hf_model: nn.Module) -> tuple[nn.Module, nn.Module]:
-        return hf_model.model.language_model, hf_model.lm_head
-
     def default_template(self) -> ChatTemplate:
         return ChatTemplate(system=LLAVA_SYSTEM, user_prefix="USER: ", sep="\n", image_sep="\n",
                             assistant_prefix=" ASSISTANT:")

@@ -136,14 +136,6 @@ class Qwen2VLAdapter(Adapter):
         return Qwen2VLImageProcessorPil(patch_size=self.patch_size, merge_size=self.merge,
                                         temporal_patch_size=self.temporal_patch_size)
 
-    @staticmethod
-    def text_config(hf_config: Any) -> Any:
-        return hf_config.text_config
-
-    @staticmethod
-    def language_model(hf_model: nn.Module) -> tuple[nn.Module, nn.Module]:
-        return hf_model.model.language_model, hf_model.lm_head
-
     def default_template(self) -> ChatTemplate:
         return ChatTemplate(system=QWEN_SYSTEM, user_prefix="<|im_start|>user\n", sep="\n", image_sep="",
                             assistant_prefix="<|im_end|>\n<|im_start|>assistant\n",
