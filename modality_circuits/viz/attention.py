@@ -106,10 +106,16 @@ def attention_view_props(model: Any, batch: Any, i: int, heads: Sequence[Sequenc
     return {"tokens": [u[0] for u in units], "attention": np.round(np.stack(mats), 5).tolist(),
             "attentionHeadNames": [f"L{lyr}.H{h}" for lyr, h in heads],
             "maskUpperTri": True,
-            # scale colours to the strongest shown weight (attention is spread thin over long prompts)
-            "maxValue": float(max(1e-6, max(float(m.max()) for m in mats))), "minValue": 0.0,
+            # colours saturate at the 99th percentile of the shown causal weights (attention is spread thin over
+            # long prompts, and a few early rows near 1 would wash everything else out)
+            "maxValue": _color_max(mats), "minValue": 0.0,
             "_meta": {"groups": present, "pooled": list(pool), "sample_id": getattr(sample, "id", str(i)),
                       "condition": getattr(sample, "follow", None)}}
+
+
+def _color_max(mats: Sequence[np.ndarray]) -> float:
+    vals = np.concatenate([m[np.tril_indices(m.shape[0])] for m in mats])
+    return float(max(1e-6, np.percentile(vals, 99))) if vals.size else 1.0
 
 
 def _js_props(props: dict) -> str:

@@ -127,10 +127,9 @@ def contribution_bars(df: pd.DataFrame, conditions: Sequence[str] | None = None,
             sub = d[(d["condition"] == cond) & (d["followed"] == ok)]
             n = sub["sample_id"].nunique() if "sample_id" in sub else 0
             if sub.empty:
-                sp = fig.get_subplot(ri, ci)
-                fig.add_annotation(text="no samples", showarrow=False, x=0.5, y=0.5,
-                                   xref=sp.xaxis.plotly_name.replace("axis", "") + " domain",
-                                   yref=sp.yaxis.plotly_name.replace("axis", "") + " domain")
+                sp = fig.get_subplot(ri, ci)  # paper coordinates: a panel without traces has no axes to refer to
+                fig.add_annotation(text="no samples", showarrow=False, xref="paper", yref="paper",
+                                   x=sum(sp.xaxis.domain) / 2, y=sum(sp.yaxis.domain) / 2)
                 continue
             s = summarize(sub, "contribution", ["kind", "layer"])
             for kind in [k for k in ("embed", "attn", "mlp") if k in set(s["kind"])]:

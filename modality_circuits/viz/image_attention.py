@@ -183,9 +183,10 @@ def image_attention_figure(maps: ImageAttention | Sequence[ImageAttention], over
         H, W = m.image.shape[:2]
         g = m.grid.shape[0]
         cell_h, cell_w = H / g, W / m.grid.shape[1]
-        zmin, zmax = float(m.grid.min()), float(m.grid.max())  # colours span this map's range (see colorbar)
-        zmax = zmax if zmax > zmin else zmin + 1e-9
-        heat = dict(z=m.grid, x0=cell_w / 2, dx=cell_w, y0=cell_h / 2, dy=cell_h, zmin=zmin, zmax=zmax,
+        # colours from 0 to this map's largest weight; the floor (1% of the query's attention spread evenly) keeps
+        # a head that hardly looks at the image dark instead of stretching noise over the whole scale
+        zmax = max(float(m.grid.max()), 0.01 / m.grid.size)
+        heat = dict(z=m.grid, x0=cell_w / 2, dx=cell_w, y0=cell_h / 2, dy=cell_h, zmin=0.0, zmax=zmax,
                     colorscale="Inferno", hovertemplate="patch row %{y:.0f}px, col %{x:.0f}px: %{z:.4f}<extra></extra>")
         fig.add_trace(go.Image(z=m.image, hoverinfo="skip"), row=r, col=1)
         ydom = fig.get_subplot(r, 2).yaxis.domain
