@@ -212,10 +212,11 @@ NOTEBOOKS["04_patching"] = [
     md("""
 # 04 · Causal interventions (activation patching comes later)
 
-> **Status:** activation patching and path patching are **not implemented yet** in `modality_circuits`; they arrive
-> with a later issue. This notebook shows the causal interventions that exist today: **attention knockout** (cut
-> an information route and measure the effect) and **head amplification** (scale chosen heads' outputs) on a
-> sample the model gets wrong.
+> **Status:** activation patching and path patching are **not covered here yet**: they arrive with a later issue
+> (the `modality_circuits.patching` package is being built alongside; this notebook will use it once that issue
+> is done). This notebook shows the causal interventions the analyses use today: **attention knockout** (cut an
+> information route and measure the effect) and **head amplification** (scale chosen heads' outputs) on a sample
+> the model gets wrong.
 """),
     code(SETUP),
     md("## Knockout as a causal intervention\nFor each route into the last position, cut it in all layers and "
