@@ -73,7 +73,12 @@ window.addEventListener('load', function () {
 
 def _read_csv(d: Path, name: str) -> pd.DataFrame | None:
     p = d / name
-    return pd.read_csv(p) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        return pd.read_csv(p)
+    except pd.errors.EmptyDataError:  # a stage that found nothing to measure
+        return pd.DataFrame()
 
 
 def _read_json(d: Path, name: str) -> Any:
@@ -194,6 +199,17 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, png: bo
     section("blocking", "Blocking and amplifying the selected heads", ["heads_summary.csv"], lambda df: (
         viz.results_table_html(df, split=sel.get("split_sizes"), selected=sel.get("selected", []),
                                n_random=sel.get("n_random"))), sm)
+    pf = _read_csv(d, "patching_flip.csv")
+    section("patching", "Activation patching: instruction flip", ["patching_flip.csv"], lambda df: (
+        "<p class='note'>Residual stream (resid_pre) of the clean run patched, one token group × layer at a time, "
+        "into the run with the other instruction; 1 = the clean answer preference fully restored, 0 = none.</p>"
+        + page.figure(viz.patching_group_heatmap(df), "patching_flip")), pf)
+    pp = _read_csv(d, "path_patching.csv")
+    section("path-patching", "Path patching: image → anchors → answer", ["path_patching.csv"], lambda df: (
+        "<p class='note'>Image-swap pair: the image tokens' layer-0 residual from the other image, passed on only "
+        "through the residual stream at the instruction tokens or at the last position entering each layer "
+        "(noising; effect 1 = the whole image effect flows through that receiver).</p>"
+        + page.figure(viz.path_effect_lines(df), "path_patching")), pp)
     views = _read_json(d, "attention_views.json")
     section("attention", "Attention patterns of the top heads", ["attention_views.json"], lambda vs: "".join(
         f"<h3>{html.escape(v.get('_title', ''))}</h3><p class='note'>Token groups: "

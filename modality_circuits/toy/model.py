@@ -35,8 +35,9 @@ class ToyConfig:
     d_mlp: int = 256
     n_train: int = 24000
     steps: int = 3000
-    batch_size: int = 48
+    batch_size: int = 32
     lr: float = 2e-3
+    vision_lr_mult: float = 2.0
     weight_decay: float = 0.01
     warmup: int = 150
     max_minutes: float = 13.0

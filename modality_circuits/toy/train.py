@@ -88,7 +88,12 @@ def train_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bool 
     logger.info("generating %d training samples", cfg.n_train)
     data = encode_examples(mixture(cfg.n_train, seed=cfg.seed, image_size=cfg.image_size), tokenizer,
                            image_processor, tpi)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    # the vision tower and projector learn from scratch through the decoder: give them a larger step
+    vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    ids = {id(p) for p in vision}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": vision, "mult": cfg.vision_lr_mult}],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     t_train = time.time()
 
     def lr_at(s: int) -> float:
@@ -109,9 +114,9 @@ def train_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bool 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step) * g["mult"]
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if (time.time() - t0) / 60 > cfg.max_minutes or lr_at(step) <= 0:

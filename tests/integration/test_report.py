@@ -85,7 +85,7 @@ def test_report_is_self_contained(results: Path) -> None:
 def test_missing_files_leave_notes(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"model": {"path": "m"}, "timings": {"load": 1.0}}))
     html = build_report(tmp_path, png=False).read_text()
-    assert html.count("Not computed in this run") == 7
+    assert html.count("Not computed in this run") == 9  # every analysis section, patching included
     assert "CircuitsVis" not in html.split("</head>")[0]  # no views: the bundle is left out
 
 
@@ -128,7 +128,7 @@ def test_report_renders_in_chromium(results: Path, tmp_path: Path) -> None:
     assert m.group(1) == "0", f"JavaScript errors: {m.group(2)}"
     assert not console_errors(p.stderr), console_errors(p.stderr)
     fig_ids = re.findall(r'<div id="(fig-[\w-]+)"', src)
-    assert len(fig_ids) == 5, fig_ids  # knockout, contributions, anchors, head scores, image attention
+    assert len(fig_ids) == 7, fig_ids  # knockout, contributions, anchors, head scores, 2 patching, image attention
     for fid in fig_ids:
         i = dom.find(f'id="{fid}"')
         assert i >= 0, fid

@@ -1,0 +1,338 @@
+"""``modality-circuits``: the command line (the main job ``reproduce``, and one command per analysis).
+
+::
+
+    modality-circuits reproduce            # MFR -> knockout -> contributions -> anchors -> heads -> report
+    modality-circuits evaluate             # MFR per condition, probe accuracy, failure counts
+    modality-circuits knockout | contributions | anchors | heads
+    modality-circuits train-toy --out DIR  # train the toy model, write its model card
+    modality-circuits report RESULTS_DIR   # rebuild the HTML report
+
+Defaults: the shipped toy model (``assets/toy-llava``) and seeded synthetic data; ``--data FILE.json --images
+COCO_DIR`` analyses a Modality-Following (MC²) file instead. Every command writes tidy CSVs, JSON summaries and a
+``manifest.json`` (versions, model sha256, seed, arguments, stage timings) to ``--out``. Same seed, same numbers.
+Bad input exits with status 2 and one ``error: …`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import ModalityCircuitsError
+from .run import (DEFAULT_MODEL, DTYPES, HEAD_METHODS, PACKAGE_ROOT, Run, _csv_list, _jsonable,  # noqa: F401
+                  default_model_path, load_data, load_model, parse_edges, parse_layers, seed_everything,
+                  sha256_weights, usable_for_lens, versions)
+from .stages import (accuracy_line, stage_anchors, stage_attention_views, stage_contributions,  # noqa: F401
+                     stage_evaluate, stage_heads, stage_knockout, stage_patching, stage_report, summarize_accuracy)
+
+logger = logging.getLogger(__name__)
+
+
+# ============================================================================================== commands
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run = Run(args, "evaluate")
+    with run.stage("load") as info:
+        model = load_model(args, run)
+        info["summary"] = f"{run.manifest['model']['architecture']} from {run.manifest['model']['path']}"
+    if args.data in (None, "synthetic"):
+        from ..toy.evaluate import EVAL_SEED, evaluate_model
+
+        with run.stage("evaluate") as info:
+            seed = EVAL_SEED if args.seed is None else args.seed
+            ev = evaluate_model(model, n=args.n or 200, seed=seed, batch_size=args.batch_size,
+                                progress=not run.quiet)
+            for k, v in ev.items():
+                if isinstance(v, dict) and "accuracy" in v:
+                    v.setdefault("n", ev["n_per_condition"])
+            run.manifest["data"] = {"source": "synthetic (held-out evaluation sets)", "seed": seed,
+                                    "n_per_condition": ev["n_per_condition"]}
+            run.json(ev, "evaluate.json")
+            run.results["evaluate"] = ev
+            info["summary"] = accuracy_line(ev)
+    else:
+        if args.seed is None:
+            args.seed = 0
+        conflict, general = load_data(args, model, run)
+        ev = stage_evaluate(run, model, conflict, general, args)
+    run.write_manifest(final=True)
+    if not run.quiet:
+        print(json.dumps(_jsonable(ev), indent=2))
+    return 0
+
+
+def _analysis(args: argparse.Namespace, command: str) -> tuple[Run, Any, list, list]:
+    if args.seed is None:
+        args.seed = 0
+    seed_everything(args.seed)
+    run = Run(args, command)
+    with run.stage("load") as info:
+        model = load_model(args, run)
+        conflict, general = load_data(args, model, run)
+        info["summary"] = (f"{run.manifest['model']['architecture']} ({model.cfg.n_layers} layers × "
+                           f"{model.cfg.n_heads} heads); {len(conflict)} conflict + {len(general)} general-ability "
+                           f"samples from {run.manifest['data']['source']}")
+    return run, model, conflict, general
+
+
+def _finish(run: Run) -> int:
+    run.write_manifest(final=True)
+    run.say(f"results in {run.out}/ (rebuild the report with: modality-circuits report {run.out})")
+    return 0
+
+
+def cmd_knockout(args: argparse.Namespace) -> int:
+    run, model, conflict, _ = _analysis(args, "knockout")
+    stage_knockout(run, model, conflict, args)
+    return _finish(run)
+
+
+def cmd_contributions(args: argparse.Namespace) -> int:
+    run, model, conflict, _ = _analysis(args, "contributions")
+    stage_contributions(run, model, conflict, args)
+    return _finish(run)
+
+
+def cmd_anchors(args: argparse.Namespace) -> int:
+    run, model, conflict, _ = _analysis(args, "anchors")
+    stage_anchors(run, model, conflict, args)
+    return _finish(run)
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    run, model, conflict, general = _analysis(args, "heads")
+    stage_heads(run, model, conflict, general, args)
+    return _finish(run)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    run, model, conflict, general = _analysis(args, "reproduce")
+    stage_evaluate(run, model, conflict, general, args)
+    stage_knockout(run, model, conflict, args)
+    stage_contributions(run, model, conflict, args)
+    stage_anchors(run, model, conflict, args)
+    stage_heads(run, model, conflict, general, args)
+    stage_patching(run, model, conflict, args)
+    path = stage_report(run, png=not args.no_png)
+    run.write_manifest(final=True)
+    run.say(f"report: {path}")
+    print(f"total time: {time.time() - run.t0:.1f} s", flush=True)
+    return 0
+
+
+def cmd_train_toy(args: argparse.Namespace) -> int:
+    from ..models import HookedMLLM
+    from ..toy.evaluate import evaluate_model, write_model_card
+    from ..toy.model import ToyConfig
+    from ..toy.train import train_toy
+
+    seed_everything(args.seed)
+    if args.steps < 1 or args.minutes <= 0 or args.n_train < 1:
+        raise ModalityCircuitsError("--steps and --n-train must be >= 1 and --minutes > 0.")
+    out = Path(args.out)
+    t0 = time.time()
+    cfg = ToyConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train)
+
+    def evaluate(path: Path) -> dict:
+        return evaluate_model(HookedMLLM.from_pretrained(path), n=args.eval_n, progress=not args.quiet)
+
+    summary = train_toy(out, cfg, progress=not args.quiet, evaluate_fn=evaluate)
+    write_model_card(out, summary)
+    m = summary.get("metrics", {})
+    for v in m.values():
+        if isinstance(v, dict) and "accuracy" in v:
+            v.setdefault("n", m.get("n_per_condition"))
+    if not args.quiet:
+        print(f"[train-toy] {summary['steps_done']} steps in {summary['train_minutes']} min, final loss "
+              f"{summary['final_loss']:.4f}; {accuracy_line(m)}")
+        print(f"model + model card in {out}/ ({time.time() - t0:.0f} s)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..report import build_report
+
+    d = Path(args.results)
+    if not d.is_dir():
+        raise FileNotFoundError(f"results directory not found: {d}")
+    path = build_report(d, out=args.out, png=not args.no_png)
+    if not args.quiet:
+        print(f"wrote {path}")
+    return 0
+
+
+# ================================================================================================ parser
+def _common(p: argparse.ArgumentParser, n_help: str, seed_help: str = "random seed (default: 0)") -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", metavar="DIR", default=None,
+                   help=f"local HF checkpoint directory (default: the shipped toy model, {DEFAULT_MODEL})")
+    g.add_argument("--data", metavar="SOURCE", default="synthetic",
+                   help="'synthetic' (seeded synthetic conflict data, default) or a Modality-Following/MC² JSON "
+                        "file (all its conflict samples; the instructed modality is read from each instruction)")
+    g.add_argument("--images", metavar="DIR", default=None, help="COCO 2014 image folder (needed with a JSON --data)")
+    g.add_argument("--question", type=int, choices=(1, 2, 3), default=3,
+                   help="which questionK variant of the JSON records (format sentence; default: 3)")
+    g.add_argument("--n", type=int, default=None, metavar="N", help=n_help)
+    g.add_argument("--n-general", type=int, default=None, metavar="N",
+                   help="synthetic general-ability control: N consistent, N image-only and N text-only probe "
+                        "samples (default: max(4, n/4); 0 to skip)")
+    g.add_argument("--seed", type=int, default=None, help=seed_help)
+    r = p.add_argument_group("runtime and output")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    r.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: float32)")
+    r.add_argument("--batch-size", type=int, default=16, metavar="B", help="samples per forward batch (default: 16)")
+    r.add_argument("--threads", type=int, default=None, metavar="T", help="torch CPU threads (default: torch's)")
+    r.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/<command>)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+
+
+def _knockout_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("knockout")
+    g.add_argument("--edges", default=None, metavar="LIST",
+                   help="comma-separated src->dst edges (default: the paper's nine, e.g. image->last)")
+    g.add_argument("--layers", default=None, metavar="LIST", help="layers to centre windows at, e.g. 0,2,4 or 3-7 "
+                                                                  "(default: all)")
+    g.add_argument("--window", type=int, default=1, metavar="K", help="knock out K consecutive layers (default: 1)")
+    g.add_argument("--window-mode", choices=("centered", "start"), default="centered",
+                   help="window centred on the layer or starting at it (default: centered)")
+    g.add_argument("--first-token", action="store_true", help="score only the answers' first token")
+
+
+def _anchor_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument_group("anchors").add_argument(
+        "--groups", default="instruction,last", metavar="LIST",
+        help="token groups to read out with the logit lens (default: instruction,last)")
+
+
+def _head_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("critical heads")
+    g.add_argument("--method", choices=HEAD_METHODS, default="ablation", help="head score used for the selection "
+                                                                              "(default: ablation)")
+    g.add_argument("--heatmap-methods", default="ablation,attribution,dla,attention", metavar="LIST",
+                   help="head scores drawn as heatmaps (default: all four)")
+    g.add_argument("--pct", type=float, default=5.0, help="select the top PCT%% heads (default: 5)")
+    g.add_argument("--mode", choices=("zero", "mean"), default="zero", help="head ablation (default: zero)")
+    g.add_argument("--alphas", default="2,4,8", metavar="LIST", help="amplification factors (default: 2,4,8)")
+    g.add_argument("--n-random", type=int, default=10, metavar="R", help="random head sets as control (default: 10)")
+    g.add_argument("--select-frac", type=float, default=0.5, metavar="F",
+                   help="share of conflict samples used to select heads; the rest evaluates (default: 0.5)")
+    g.add_argument("--select-condition", choices=("both", "image", "text"), default="both",
+                   help="condition whose scores select the heads (default: both pooled)")
+    g.add_argument("--top-heads", type=int, default=6, metavar="K", help="heads shown in attention views (default: 6)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``modality-circuits``."""
+    parser = argparse.ArgumentParser(
+        prog="modality-circuits", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Mechanistic interpretability of modality following in multimodal LLMs: which layers, heads and "
+                    "token groups decide\nwhether the model follows the image or the text when the instruction says "
+                    "which to trust.",
+        epilog="examples:\n"
+               "  modality-circuits reproduce                      # the shipped toy model + synthetic data\n"
+               "  modality-circuits evaluate --model DIR\n"
+               "  modality-circuits knockout --data FILE.json --images COCO_DIR --window 9 --device cuda\n"
+               "  modality-circuits report runs/reproduce\n"
+               "run `modality-circuits COMMAND --help` for a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    n_syn = "synthetic: number of conflict samples, half per condition (default: 200); JSON: first N records " \
+            "(default: all)"
+
+    p = sub.add_parser("reproduce", help="the main job: MFR, knockout, contributions, anchors, heads, patching, report",
+                       description="MFR -> knockout sweep -> contributions -> anchor read-out -> head scores -> "
+                                   "blocking/amplification with controls -> activation and path patching -> HTML "
+                                   "report.")
+    _common(p, n_syn)
+    _knockout_opts(p)
+    _anchor_opts(p)
+    _head_opts(p)
+    p.add_argument("--n-patch", type=int, default=16, metavar="N",
+                   help="conflict samples in the patching pairs (instruction flip, image swap; default: 16, 0 to skip)")
+    p.add_argument("--no-png", action="store_true", help="skip PNG export of figures (it needs kaleido + Chromium)")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("evaluate", help="MFR per condition, probe accuracy and failure counts",
+                       description="Synthetic: held-out sets (N per condition) via toy.evaluate.evaluate_model; "
+                                   "JSON: MFR per condition of the file's conflict samples.")
+    _common(p, "synthetic: samples per condition (default: 200); JSON: first N records (default: all)",
+            seed_help="random seed (default: the held-out evaluation seed for synthetic data, 0 otherwise)")
+    p.set_defaults(func=cmd_evaluate)
+
+    for name, helptext, opts, func in [
+            ("knockout", "attention knockout sweep (layers × edges)", [_knockout_opts], cmd_knockout),
+            ("contributions", "attention vs MLP direct contributions per layer", [], cmd_contributions),
+            ("anchors", "logit-lens read-out at the instruction tokens and the last position", [_anchor_opts],
+             cmd_anchors),
+            ("heads", "head scores, top-p percent selection, blocking/amplification with controls, attention views",
+             [_head_opts], cmd_heads)]:
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        _common(p, n_syn)
+        for o in opts:
+            o(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("train-toy", help="train the toy MLLM from scratch and write its model card",
+                       description="Train the toy LLaVA on seeded synthetic data (CPU), evaluate it on held-out "
+                                   "samples and write README.md/metrics.json next to the checkpoint.")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000)")
+    p.add_argument("--minutes", type=float, default=13.0, help="wall-clock budget in minutes (default: 13)")
+    p.add_argument("--n-train", type=int, default=24000, metavar="N", help="training samples (default: 24000)")
+    p.add_argument("--eval-n", type=int, default=200, metavar="N",
+                   help="held-out evaluation samples per condition (default: 200)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
+    p.set_defaults(func=cmd_train_toy)
+
+    p = sub.add_parser("report", help="rebuild the HTML report from a results directory",
+                       description="Rebuild the self-contained HTML report from a results directory.")
+    p.add_argument("results", metavar="RESULTS_DIR", help="directory written by reproduce (or the analyses)")
+    p.add_argument("--out", metavar="FILE", default=None, help="HTML file to write (default: RESULTS_DIR/report.html)")
+    p.add_argument("--no-png", action="store_true", help="skip PNG export of figures (it needs kaleido + Chromium)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``modality-circuits`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for name in ("batch_size", "n_random", "top_heads", "window", "threads"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1 (got {v})", file=sys.stderr)
+            return 2
+    det = _deterministic_state()
+    try:
+        return int(args.func(args) or 0)
+    except (ModalityCircuitsError, FileNotFoundError) as e:
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    finally:  # main() may run inside another program (tests, notebooks): leave torch's global mode as it was
+        if det is not None:
+            import torch
+
+            torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+
+
+def _deterministic_state() -> tuple[bool, bool] | None:
+    if "torch" not in sys.modules:
+        return (False, False)
+    import torch
+
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m modality_circuits.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

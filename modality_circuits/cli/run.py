@@ -1,0 +1,270 @@
+"""CLI plumbing: the run directory and manifest, seeding, loading the model and the data, option parsing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ..errors import ModalityCircuitsError
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+#: The shipped toy model (``assets/toy-llava`` next to the package).
+DEFAULT_MODEL = PACKAGE_ROOT / "assets" / "toy-llava"
+DTYPES = ("float32", "bfloat16", "float16")
+HEAD_METHODS = ("ablation", "attribution", "dla", "attention")
+
+
+def default_model_path() -> Path:
+    """The shipped toy model's directory (``assets/toy-llava``)."""
+    return DEFAULT_MODEL
+
+
+# ============================================================================================ run context
+class Run:
+    """One command's output directory, stage timings, one-line stage summaries and manifest."""
+
+    def __init__(self, args: argparse.Namespace, command: str):
+        self.args, self.command = args, command
+        self.out = Path(args.out or Path("runs") / command)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.quiet = bool(getattr(args, "quiet", False))
+        self.timings: dict[str, float] = {}
+        self.t0 = time.time()
+        arguments = {k: v for k, v in vars(args).items() if k != "func"}
+        self.manifest: dict[str, Any] = {"command": command, "argv": sys.argv[1:], "args": _jsonable(arguments),
+                                         "seed": getattr(args, "seed", None), "started": _now(),
+                                         "versions": versions(), "timings": self.timings}
+        self.results: dict[str, Any] = {}
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        """Time a stage; the body may set ``info["summary"]`` (printed as one line)."""
+        info: dict[str, Any] = {}
+        t = time.time()
+        yield info
+        dt = time.time() - t
+        self.timings[name] = round(dt, 2)
+        self.say(f"[{name}] {info.get('summary', 'done')} ({dt:.1f} s)")
+        self.write_manifest()
+
+    def csv(self, df: Any, name: str) -> None:
+        df.to_csv(self.out / name, index=False)
+
+    def json(self, obj: Any, name: str) -> None:
+        (self.out / name).write_text(json.dumps(_jsonable(obj), indent=2, ensure_ascii=False))
+
+    def write_manifest(self, final: bool = False) -> None:
+        self.manifest["results"] = self.results
+        if final:
+            self.manifest["finished"] = _now()
+            self.manifest["total_seconds"] = round(time.time() - self.t0, 2)
+        self.json(self.manifest, "manifest.json")
+        self.json(self.results, "results.json")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _jsonable(x: Any) -> Any:
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and x != x:
+        return None
+    if callable(x):
+        return getattr(x, "__name__", str(x))
+    return x
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries the numbers depend on."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("modality_circuits", "torch", "transformers", "transformer_lens", "numpy", "pandas", "plotly",
+                 "circuitsvis"):
+        try:
+            out[name] = version(name.replace("_", "-")) if name != "modality_circuits" else version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def sha256_weights(path: Path) -> dict[str, str]:
+    """sha256 of every ``*.safetensors`` file of a checkpoint directory."""
+    import hashlib
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch and ask torch for deterministic kernels (same seed -> same numbers)."""
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# ================================================================================================ inputs
+def load_model(args: argparse.Namespace, run: Run | None = None) -> Any:
+    """The HookedMLLM of ``--model`` (checked, with a clear error if missing)."""
+    import torch
+
+    from ..models import HookedMLLM
+
+    path = Path(args.model) if args.model else DEFAULT_MODEL
+    if not path.exists():
+        hint = " (the shipped toy model; train one with `modality-circuits train-toy --out DIR`)" \
+            if path == DEFAULT_MODEL else ""
+        raise FileNotFoundError(f"--model: model directory not found: {path}{hint}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModalityCircuitsError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu.")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    model = HookedMLLM.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device)
+    if run is not None:
+        cfg = json.loads((path / "config.json").read_text())
+        run.manifest["model"] = {
+            "path": str(path.resolve()), "architecture": (cfg.get("architectures") or ["?"])[0],
+            "sha256": sha256_weights(path), "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
+            "d_model": model.cfg.d_model, "dtype": args.dtype, "device": args.device,
+            "image_tokens": getattr(model.image_encoder, "tokens_per_image", None)}
+        run.manifest["torch_threads"] = torch.get_num_threads()
+    return model
+
+
+def load_data(args: argparse.Namespace, model: Any, run: Run | None = None) -> tuple[list, list]:
+    """(conflict samples, general-ability samples) from ``--data`` (synthetic by default)."""
+    from ..data import load_mc2, synthetic
+
+    if args.data in (None, "synthetic"):
+        n = args.n if args.n is not None else 200
+        if n < 4:
+            raise ModalityCircuitsError(f"--n must be at least 4 (got {n}): both conditions and two splits need "
+                                        "samples.")
+        size = int(getattr(model.image_encoder, "image_size", 32))
+        conflict = synthetic(n, seed=args.seed, kind="conflict", image_size=size)
+        ng = args.n_general if args.n_general is not None else max(4, n // 4)
+        general = [s for k, kind in enumerate(("consistent", "image_probe", "text_probe"))
+                   for s in synthetic(ng, seed=args.seed + 1 + k, kind=kind, image_size=size)] if ng > 0 else []
+        source = "synthetic"
+    else:
+        path = Path(args.data)
+        if not path.is_file():
+            raise FileNotFoundError(f"--data: data file not found: {path}")
+        if not args.images:
+            raise ModalityCircuitsError("--data FILE.json needs --images: the COCO 2014 folder with the photos.")
+        if not Path(args.images).is_dir():
+            raise FileNotFoundError(f"--images: image folder not found: {args.images}")
+        conflict = load_mc2(path, args.images, question=args.question, limit=args.n)
+        if len(conflict) < 4:
+            raise ModalityCircuitsError(f"{path}: {len(conflict)} record(s); the analyses need at least 4.")
+        general, source = [], str(path.resolve())
+    if run is not None:
+        run.manifest["data"] = {
+            "source": source, "question": args.question if source != "synthetic" else None,
+            "n_conflict": len(conflict), "n_general": len(general),
+            "n_by_condition": {c: sum(s.follow == c for s in conflict) for c in ("image", "text")},
+            "general_kinds": sorted({s.kind for s in general})}
+    return conflict, general
+
+
+def usable_for_lens(model: Any, samples: Sequence[Any]) -> list:
+    """Samples whose two answers differ in their first token (needed by the first-token analyses)."""
+    from ..metrics import tokenize_answer
+
+    keep = []
+    for s in samples:
+        try:
+            if tokenize_answer(model.tokenizer, s.following_answer)[0] != \
+                    tokenize_answer(model.tokenizer, s.competitor_answer)[0]:
+                keep.append(s)
+        except ModalityCircuitsError:
+            pass
+    if len(keep) < len(samples):
+        logger.warning("%d of %d samples have answers sharing their first token; left out of the first-token "
+                       "analyses", len(samples) - len(keep), len(samples))
+    return keep
+
+
+def _csv_list(text: str | None, cast: Any = str) -> list:
+    return [] if not text else [cast(x.strip()) for x in str(text).split(",") if x.strip()]
+
+
+def parse_edges(text: str | None) -> list[tuple[str, str]] | None:
+    """``"image->last,context->instruction"`` (``->``, ``↛`` or ``:``) -> ``[(src, dst), …]``."""
+    if not text:
+        return None
+    edges = []
+    for part in _csv_list(text):
+        for sep in ("->", "↛", ":"):
+            if sep in part:
+                src, dst = (x.strip() for x in part.split(sep, 1))
+                if src and dst:
+                    edges.append((src, dst))
+                    break
+        else:
+            raise ModalityCircuitsError(f"--edges: cannot parse {part!r}; write edges as src->dst, e.g. image->last.")
+    return edges
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
+    """``"0,2,5"`` or ``"3-7"`` -> layer list (None: all)."""
+    if not text:
+        return None
+    out: list[int] = []
+    for part in _csv_list(text):
+        try:
+            if "-" in part.strip("-"):
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ModalityCircuitsError(f"--layers: cannot parse {part!r}; use e.g. 0,2,5 or 3-7.") from None
+    bad = [x for x in out if not 0 <= x < n_layers]
+    if bad:
+        raise ModalityCircuitsError(f"--layers: {bad} out of range; the model has {n_layers} layers "
+                                    f"(0..{n_layers - 1}).")
+    return out
+
+

@@ -1,0 +1,277 @@
+"""The analysis stages of ``modality-circuits`` (each writes tidy CSV/JSON into the run directory)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModalityCircuitsError
+
+logger = logging.getLogger(__name__)
+
+from .run import HEAD_METHODS, Run, _csv_list, parse_edges, parse_layers, usable_for_lens
+
+
+# ================================================================================================ stages
+def stage_evaluate(run: Run, model: Any, conflict: list, general: list, args: argparse.Namespace) -> dict:
+    """MFR per condition (closed and open form) and general-ability accuracy on the analysed samples.
+
+    Writes ``evaluate.json``, ``mfr.csv`` (per-sample scores) and ``generations.csv`` (greedy answers, classified).
+    """
+    from ..metrics import generations, score_dataset
+
+    with run.stage("mfr") as info:
+        samples = conflict + general
+        scores = score_dataset(model, samples, batch_size=args.batch_size, progress=not run.quiet)
+        df = scores.to_frame(samples)
+        run.csv(df, "mfr.csv")
+        ev = summarize_accuracy(df)
+        gen = generations(model, conflict, batch_size=args.batch_size, progress=not run.quiet)
+        run.csv(gen, "generations.csv")
+        for cond in ("image", "text"):
+            g = gen[gen["condition"] == cond]
+            if len(g) and f"conflict_follow_{cond}" in ev:
+                ev[f"conflict_follow_{cond}"]["open_form"] = {
+                    "mfr": round(float((g["outcome"] == "follow").mean()), 4),
+                    "competitor": round(float((g["outcome"] == "competitor").mean()), 4),
+                    "other": round(float((g["outcome"] == "other").mean()), 4), "n": int(len(g))}
+        run.json(ev, "evaluate.json")
+        run.results["evaluate"] = ev
+        info["summary"] = accuracy_line(ev)
+    return ev
+
+
+def summarize_accuracy(df: Any) -> dict:
+    """``evaluate_model``-shaped summary (accuracy, failures, n, by_task) from a per-sample score table."""
+    out: dict[str, Any] = {}
+    groups = [("conflict_follow_image", (df["kind"] == "conflict") & (df["follow"] == "image")),
+              ("conflict_follow_text", (df["kind"] == "conflict") & (df["follow"] == "text"))]
+    groups += [(k, df["kind"] == k) for k in ("consistent", "image_probe", "text_probe")]
+    for name, m in groups:
+        d = df[m]
+        if d.empty:
+            continue
+        out[name] = {"accuracy": round(float(d["followed"].mean()), 4), "failures": int((~d["followed"]).sum()),
+                     "n": int(len(d)),
+                     "by_task": {t: round(float(g["followed"].mean()), 4) for t, g in d.groupby("task")}}
+    return out
+
+
+def accuracy_line(ev: dict) -> str:
+    names = {"conflict_follow_image": "MFR vision-following", "conflict_follow_text": "MFR text-following",
+             "consistent": "consistent", "image_probe": "image probes", "text_probe": "text probes"}
+    return "; ".join(f"{names.get(k, k)} {v['accuracy']:.3f} ({v['failures']} failed of "
+                     f"{v.get('n', '?')})" for k, v in ev.items() if isinstance(v, dict) and "accuracy" in v)
+
+
+def stage_knockout(run: Run, model: Any, conflict: list, args: argparse.Namespace) -> Any:
+    from ..metrics import summarize
+    from ..sweeps.knockout import DEFAULT_EDGES, knockout_sweep
+
+    with run.stage("knockout") as info:
+        edges = parse_edges(args.edges) or list(DEFAULT_EDGES)
+        df = knockout_sweep(model, conflict, edges=edges, layers=parse_layers(args.layers, model.cfg.n_layers),
+                            window=args.window, window_mode=args.window_mode, batch_size=args.batch_size,
+                            first_token=args.first_token, progress=not run.quiet)
+        run.csv(df, "knockout.csv")
+        s = summarize(df, "delta", ["condition", "edge", "layer"])
+        run.csv(s, "knockout_summary.csv")
+        worst = {}
+        for cond, g in s.groupby("condition"):
+            r = g.loc[g["mean"].idxmin()]
+            worst[cond] = {"edge": r["edge"], "layer": int(r["layer"]), "mean_delta": round(float(r["mean"]), 4)}
+        run.results["knockout"] = {"n_rows": len(df), "edges": [f"{a}↛{b}" for a, b in edges], "largest_drop": worst}
+        info["summary"] = f"{len(edges)} edges × {df['layer'].nunique()} layers × {df['sample_id'].nunique()} " \
+                          "samples; largest drop: " + "; ".join(
+                              f"{c}: {w['edge']} @ layer {w['layer']} ({100 * w['mean_delta']:+.1f}%)"
+                              for c, w in worst.items())
+    return df
+
+
+def stage_contributions(run: Run, model: Any, conflict: list, args: argparse.Namespace) -> Any:
+    from ..lens import contributions
+
+    with run.stage("contributions") as info:
+        df = contributions(model, usable_for_lens(model, conflict), batch_size=args.batch_size,
+                           progress=not run.quiet)
+        run.csv(df, "contributions.csv")
+        tot = df[df["kind"] != "embed"].groupby(["condition", "kind", "sample_id"])["contribution"].sum() \
+            .groupby(["condition", "kind"]).mean()
+        run.results["contributions"] = {f"{c}/{k}": round(float(v), 4) for (c, k), v in tot.items()}
+        info["summary"] = "mean total contribution " + "; ".join(
+            f"{c}: attn {tot.get((c, 'attn'), float('nan')):+.2f}, mlp {tot.get((c, 'mlp'), float('nan')):+.2f}"
+            for c in sorted({c for c, _ in tot.index}))
+    return df
+
+
+def stage_anchors(run: Run, model: Any, conflict: list, args: argparse.Namespace) -> Any:
+    from ..lens import anchor_readout
+
+    with run.stage("anchors") as info:
+        groups = _csv_list(args.groups) or ["instruction", "last"]
+        df = anchor_readout(model, usable_for_lens(model, conflict), groups=groups, batch_size=args.batch_size,
+                            progress=not run.quiet)
+        run.csv(df, "anchors.csv")
+        best = {}
+        for (cond, g), d in df.groupby(["condition", "group"]):
+            r = d.loc[d["agreement"].idxmax()]
+            best[f"{cond}/{g}"] = {"layer": int(r["layer"]), "agreement": round(float(r["agreement"]), 4)}
+        run.results["anchors"] = {"best_agreement": best}
+        info["summary"] = "best agreement " + "; ".join(f"{k} {v['agreement']:.2f} @ layer {v['layer']}"
+                                                        for k, v in best.items())
+    return df
+
+
+def stage_heads(run: Run, model: Any, conflict: list, general: list, args: argparse.Namespace) -> Any:
+    import pandas as pd
+
+    from ..sweeps.head_experiment import heads_experiment
+    from ..sweeps.heads import head_scores, score_matrix, select_heads
+
+    conflict = usable_for_lens(model, conflict)
+    with run.stage("heads") as info:
+        cond = None if args.select_condition == "both" else args.select_condition
+        res = heads_experiment(model, conflict, general, pct=args.pct, method=args.method, select_condition=cond,
+                               mode=args.mode, alphas=_csv_list(args.alphas, float), n_random=args.n_random,
+                               select_frac=args.select_frac, seed=args.seed, batch_size=args.batch_size,
+                               progress=not run.quiet)
+        sel_ids = set(res.split["selection"])
+        sel_samples = [s for s in conflict if s.id in sel_ids]
+        tables = [res.scores]
+        for m in _csv_list(args.heatmap_methods):
+            if m not in HEAD_METHODS:
+                raise ModalityCircuitsError(f"--heatmap-methods: unknown method {m!r}; choose from {HEAD_METHODS}.")
+            if m != args.method:
+                tables.append(head_scores(model, sel_samples, method=m, mode=args.mode, batch_size=args.batch_size,
+                                          progress=not run.quiet))
+        run.csv(pd.concat(tables, ignore_index=True), "head_scores.csv")
+        run.csv(res.table, "heads_table.csv")
+        summary = res.summary()
+        run.csv(summary, "heads_summary.csv")
+        sizes = {k: len(v) for k, v in res.split.items()}
+        ranked = select_heads(score_matrix(res.scores, cond), 100.0)  # every head, best first
+        run.json({"selected": res.selected, "ranked": ranked[:max(args.top_heads, 20)],
+                  "random_sets": res.random_sets, "split_sizes": sizes,
+                  "split": res.split, "method": args.method, "pct": args.pct, "n_random": args.n_random,
+                  "mode": args.mode, "alphas": _csv_list(args.alphas, float)}, "heads_selection.json")
+        blocked = {}
+        for c in ("image", "text"):
+            t = summary[(summary["condition"] == c) & (summary["measure"] == "mfr")]
+            if t.empty:
+                continue
+            base = t[t["intervention"] == "none"]["value"]
+            blk = t[t["intervention"] == "block"]
+            if len(base) and len(blk):
+                blocked[c] = {"mfr": round(float(base.iloc[0]), 4), "blocked": round(float(blk["value"].iloc[0]), 4),
+                              "random_mean": round(float(blk["random_mean"].iloc[0]), 4)}
+        run.results["heads"] = {"selected": res.selected, "split_sizes": sizes, "blocking": blocked}
+        info["summary"] = (f"selected {len(res.selected)} head(s) " + ", ".join(f"L{a}.H{b}" for a, b in res.selected)
+                           + f" on {sizes['selection']} samples; blocking on {sizes['evaluation']}: " + "; ".join(
+                               f"{c} MFR {v['mfr']:.2f}→{v['blocked']:.2f} (random {v['random_mean']:.2f})"
+                               for c, v in blocked.items()))
+    stage_attention_views(run, model, [s for s in conflict if s.id not in sel_ids] or conflict,
+                          ranked[:args.top_heads], args)
+    return res
+
+
+def stage_attention_views(run: Run, model: Any, samples: list, heads: list, args: argparse.Namespace) -> None:
+    """circuitsvis views of ``heads`` (the top heads by score) and attention over the image, one sample per
+    condition (from the evaluation split)."""
+    from ..errors import ModalityCircuitsError as MCE
+    from ..viz.attention import attention_view_props
+    from ..viz.image_attention import image_attention_maps
+
+    with run.stage("attention views") as info:
+        picks = [next((s for s in samples if s.follow == c), None) for c in ("image", "text")]
+        picks = [s for s in picks if s is not None]
+        top = [tuple(h) for h in heads]
+        views, maps = [], []
+        if picks:
+            batch = model.prepare(picks)
+            for i, s in enumerate(picks):
+                if top:
+                    p = attention_view_props(model, batch, i, top)
+                    p["_title"] = (f"{s.id} ({'vision' if s.follow == 'image' else 'text'}-following): the "
+                                  f"{len(top)} top-scoring heads")
+                    views.append(p)
+                specs = [("instruction", None, None), ("last", None, None)]
+                if top:
+                    specs.append(("last", top[0][0], top[0][1]))
+                try:
+                    maps += [m.to_dict() for m in image_attention_maps(model, batch, i, specs)]
+                except MCE as e:
+                    logger.warning("attention over the image skipped for %s: %s", s.id, e)
+        run.json(views, "attention_views.json")
+        run.json(maps, "image_attention.json")
+        info["summary"] = f"{len(views)} attention view(s), {len(maps)} image attention map(s)"
+
+
+def stage_report(run: Run, png: bool = True) -> Path:
+    from ..report import build_report
+
+    with run.stage("report") as info:
+        path = build_report(run.out, png=png)
+        info["summary"] = f"wrote {path}"
+    return path
+
+
+
+
+def _image_donors(samples: list) -> tuple[list, list]:
+    """Pairs (sample, donor) of vision-following samples with the same task and a different image answer."""
+    out_s, out_d = [], []
+    vis = [s for s in samples if s.follow == "image"]
+    for s in vis:
+        d = next((x for x in vis if x.task == s.task and x.answer_img != s.answer_img and x is not s), None)
+        if d is not None:
+            out_s.append(s)
+            out_d.append(d)
+    return out_s, out_d
+
+
+def stage_patching(run: Run, model: Any, conflict: list, args: argparse.Namespace) -> Any:
+    """Activation patching of the residual stream by token group for the instruction-flip pair, and path
+    patching image → {instruction, last} residual per layer for the image-swap pair.
+
+    Writes ``patching_flip.csv`` (layer × group, 1 = clean restored) and ``path_patching.csv``.
+    """
+    import pandas as pd
+
+    from ..patching import GroupResid, ResidAt, image_swap, instruction_flip, patch_resid_pre, path_patch
+
+    n = int(getattr(args, "n_patch", 0) or 0)
+    if n <= 0:
+        return None
+    with run.stage("patching") as info:
+        usable = usable_for_lens(model, conflict)
+        half = max(1, n // 2)
+        picked = [s for s in usable if s.follow == "image"][:half] + [s for s in usable if s.follow == "text"][:half]
+        flip = patch_resid_pre(model, instruction_flip(model, picked), by="group").to_frame()
+        flip["pair"] = "instruction_flip"
+        run.csv(flip, "patching_flip.csv")
+        rows = []
+        vs, ds = _image_donors(usable[: 4 * n])
+        if vs:
+            pair = image_swap(model, vs[:n], ds[:n])
+            for layer in range(1, model.cfg.n_layers + 1):
+                for g in ("instruction", "last"):
+                    r = path_patch(model, pair, GroupResid("image", 0), ResidAt(g, layer))
+                    rows.append({"sender": "image@0", "receiver": g, "layer": layer, "value": float(r.values),
+                                 "effect": float(r.effect), "n": len(pair)})
+        path = pd.DataFrame(rows, columns=["sender", "receiver", "layer", "value", "effect", "n"])
+        run.csv(path, "path_patching.csv")
+        top = flip.loc[flip["value"].idxmax()] if len(flip) else None
+        run.results["patching"] = {
+            "n_flip": len(picked), "n_image_swap": int(path["n"].iloc[0]) if len(path) else 0,
+            "flip_best": None if top is None else {"layer": int(top["layer"]), "group": str(top["group"]),
+                                                   "restored": round(float(top["value"]), 4)},
+            "path_effect": {f"{r.receiver}@{r.layer}": round(r.effect, 4) for r in path.itertuples()}}
+        info["summary"] = (f"instruction flip ({len(picked)} pairs): best restoring patch {top['group']} @ layer "
+                           f"{int(top['layer'])} ({float(top['value']):.2f})" if top is not None else "no pairs")
+        if len(path):
+            last = path[path["receiver"] == "last"]["effect"].max()
+            ins = path[path["receiver"] == "instruction"]["effect"].max()
+            info["summary"] += f"; image path effect via last {last:.2f}, via instruction {ins:.2f}"
+    return flip
