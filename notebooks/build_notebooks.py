@@ -210,42 +210,50 @@ pd.DataFrame({"sample": [s.id for s in conflict[:6]], "follow": [s.follow for s 
 
 NOTEBOOKS["04_patching"] = [
     md("""
-# 04 · Causal interventions (activation patching comes later)
+# 04 · Activation patching and path patching
 
-> **Status:** activation patching and path patching are **not covered here yet**: they arrive with a later issue
-> (the `modality_circuits.patching` package is being built alongside; this notebook will use it once that issue
-> is done). This notebook shows the causal interventions the analyses use today: **attention knockout** (cut an
-> information route and measure the effect) and **head amplification** (scale chosen heads' outputs) on a sample
-> the model gets wrong.
+Causal tracing with image-aware clean/corrupted pairs (each run carries its own image): **activation patching**
+(move one activation from the clean run into the corrupted one; 1 = clean behaviour restored, 0 = none) and
+**path patching** (the effect of a sender that flows *only through* chosen receivers).
 """),
     code(SETUP),
-    md("## Knockout as a causal intervention\nFor each route into the last position, cut it in all layers and "
-       "measure the change of the binary following probability, per condition."),
+    md("## Instruction flip: which token group carries the instruction's effect, layer by layer?"),
     code("""
-import pandas as pd
-
 from modality_circuits.data import synthetic
-from modality_circuits.interventions import knockout
-from modality_circuits.metrics import following_scores, relative_change
+from modality_circuits.patching import instruction_flip, patch_resid_pre
+from modality_circuits.viz.patching import patching_heatmap
 
 size = model.image_encoder.image_size
-samples = synthetic(16, seed=3, kind="conflict", image_size=size)
-batch = model.prepare(samples)
-base = following_scores(model, batch).p_binary
-rows = []
-for src in ("image", "context", "instruction"):
-    with knockout(model, batch.spans, src, "last", layers=range(model.cfg.n_layers)):
-        cut = following_scores(model, batch).p_binary
-    d = relative_change(base, cut)
-    for s, v in zip(samples, d):
-        rows.append({"route": f"{src} -> last", "condition": s.follow, "delta_pct": 100 * float(v)})
-pd.DataFrame(rows).groupby(["route", "condition"])["delta_pct"].mean().unstack().round(1)
+samples = synthetic(8, seed=3, kind="conflict", image_size=size)
+pair = instruction_flip(model, samples)          # same image + context, the other instruction
+res = patch_resid_pre(model, pair, by="group")   # [layer, group]
+patching_heatmap(res).show()
+res.to_frame().pivot_table(index="layer", columns="group", values="value").round(2)
 """),
-    md("## Head amplification on a failed sample\nFind a sample where the competitor answer wins, pick heads by "
-       "exact ablation scores on other samples, and amplify them. (On a given model this may or may not restore "
-       "the instructed answer; the heads experiment in notebook 03 measures the rate against random heads.)"),
+    md("## Image swap: does the image reach the answer through the instruction anchors?\n"
+       "Senders: the image tokens' residual at layer 0 (from another image). Receivers: the residual stream at "
+       "the instruction tokens, or at the last position, entering each layer (noising: effect 1 = all of the "
+       "image's effect flows through that receiver)."),
+    code("""
+from modality_circuits.patching import GroupResid, ResidAt, image_swap, path_patch
+
+vis = [s for s in synthetic(32, seed=5, kind="conflict", follow="image", image_size=size)]
+clean, donors = [], []
+for s in vis:
+    d = next((x for x in vis if x.task == s.task and x.answer_img != s.answer_img), None)
+    if d is not None:
+        clean.append(s); donors.append(d)
+pair2 = image_swap(model, clean[:8], donors[:8])
+for layer in range(1, model.cfg.n_layers + 1):
+    eff = {g: float(path_patch(model, pair2, GroupResid("image", 0), ResidAt(g, layer)).effect)
+           for g in ("instruction", "last")}
+    print(f"receivers entering layer {layer}: via instruction {eff['instruction']:.2f}, via last {eff['last']:.2f}")
+"""),
+    md("## Head amplification on a failed sample\nScale the output of the heads that exact ablation ranks highest; "
+       "notebook 03 measures the restore rate against random heads."),
     code("""
 from modality_circuits.interventions import amplify_heads
+from modality_circuits.metrics import following_scores
 from modality_circuits.sweeps.heads import head_scores, score_matrix, select_heads
 
 pool = synthetic(48, seed=4, kind="conflict", image_size=size)
@@ -255,14 +263,11 @@ print(f"{len(failed)} of {len(pool)} samples fail to follow the instruction")
 target = failed[0] if failed else pool[0]
 others = [s for s in pool if s is not target][:12]
 heads = select_heads(score_matrix(head_scores(model, others, method="ablation", batch_size=12)), pct=5)
-print("amplifying heads", heads, "on", target.id, "| follow:", target.follow,
-      f"| instructed answer {target.following_answer!r}, competitor {target.competitor_answer!r}")
 one = model.prepare([target])
 for alpha in (1.0, 2.0, 4.0, 8.0):
     with amplify_heads(model, heads, alpha=alpha):
         p = float(following_scores(model, one).p_binary[0])
-        gen = model.generate(one, max_new_tokens=2, return_type="str")[0]
-    print(f"alpha={alpha:>3}: p_binary={p:.3f}  generation={gen!r}")
+    print(f"alpha={alpha:>3}: p_binary={p:.3f}")
 """),
 ]
 
@@ -274,8 +279,9 @@ NOTEBOOKS["05_real_checkpoint_gpu"] = [
 
 **Supported:** `LlavaForConditionalGeneration` checkpoints in the HF format, e.g. a local copy of
 `llava-hf/llava-1.5-7b-hf` (CLIP ViT-L/14 at 336 px → 24×24 = 576 image tokens, Vicuna-7B decoder).
-**Not supported yet:** Qwen2.5-VL-7B (`Qwen2_5_VLForConditionalGeneration`): there is no adapter for it yet, so
-loading raises `UnsupportedArchitectureError` (dynamic resolution and M-RoPE need their own adapter).
+Qwen2-VL / Qwen2.5-VL-7B (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`) load the same
+way: their adapters apply the multimodal rotary embedding (M-RoPE) inside the HookedTransformer, so attention edits
+work; images keep their dynamic resolution (the token count follows `image_grid_thw`).
 
 **dtype and memory.** Weights take ~14 GB in bfloat16/float16 (~28 GB in float32). Use `bfloat16` on A100/H100
 class GPUs (float16 can overflow in some layers; the library raises `NumericalError` on NaN/inf logits when asked).
