@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "samples and write README.md/metrics.json next to the checkpoint.")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000)")
-    p.add_argument("--minutes", type=float, default=13.0, help="wall-clock budget in minutes (default: 13)")
+    p.add_argument("--steps", type=int, default=1400, help="optimizer steps (default: 1400)")
+    p.add_argument("--minutes", type=float, default=14.5, help="safety stop in minutes (default: 14.5)")
     p.add_argument("--n-train", type=int, default=24000, metavar="N", help="training samples (default: 24000)")
     p.add_argument("--eval-n", type=int, default=200, metavar="N",
                    help="held-out evaluation samples per condition (default: 200)")

@@ -168,8 +168,8 @@ def synthetic(n: int = 200, seed: int = 0, kind: str = "conflict", follow: str |
 
 
 def mixture(n: int, seed: int, weights: dict[str, float] | None = None, image_size: int = 32) -> list[Sample]:
-    """A shuffled training mixture of kinds (default: 55% conflict, 15% consistent, 20% image / 10% text probes)."""
-    weights = weights or {"conflict": 0.55, "consistent": 0.15, "image_probe": 0.2, "text_probe": 0.1}
+    """A shuffled training mixture of kinds (default: 60% conflict, 15% consistent, 12.5% each probe)."""
+    weights = weights or {"conflict": 0.6, "consistent": 0.15, "image_probe": 0.125, "text_probe": 0.125}
     rng = np.random.default_rng(seed)
     kinds = rng.choice(list(weights), size=n, p=np.array(list(weights.values())) / sum(weights.values()))
     return [make_sample(rng, kind=str(k), image_size=image_size, index=i) for i, k in enumerate(kinds)]

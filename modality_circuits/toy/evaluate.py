@@ -65,8 +65,8 @@ An ordinary `LlavaForConditionalGeneration` (CLIP vision tower {cfg['vision_laye
 {cfg['image_size']}×{cfg['image_size']} images in {cfg['patch_size']}×{cfg['patch_size']} patches =
 {(cfg['image_size'] // cfg['patch_size']) ** 2} image tokens; MLP projector; Llama decoder {cfg['n_layers']} layers,
 d_model {cfg['d_model']}, {cfg['n_heads']} heads, d_mlp {cfg['d_mlp']}; word-level tokenizer) trained from scratch by
-`modality-circuits train-toy` on seeded synthetic data (`modality_circuits.data.synthetic.mixture`: 55% conflict,
-15% consistent, 20% image-only and 10% text-only probes; tasks color / shape / count / position; the paper's two
+`modality-circuits train-toy` on seeded synthetic data (`modality_circuits.data.synthetic.mixture`: 60% conflict,
+15% consistent, 12.5% image-only and 12.5% text-only probes; tasks color / shape / count / position; the paper's two
 instructions verbatim; the three format sentences). Loss on the answer tokens + EOS only.
 
 - seed: {cfg['seed']}; training samples: {cfg['n_train']}; steps: {summary['steps_done']} × batch {cfg['batch_size']};
