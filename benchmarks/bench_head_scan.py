@@ -44,6 +44,7 @@ from transformer_lens import ActivationCache, patching  # noqa: E402
 
 from modality_circuits import HookedMLLM, MLLMBatch  # noqa: E402
 from modality_circuits.data.synthetic import synthetic  # noqa: E402
+from modality_circuits.toy.model import load_or_init_toy  # noqa: E402
 from modality_circuits.interventions.heads import head_scale_hooks  # noqa: E402
 from modality_circuits.lens import _answer_dirs  # noqa: E402
 from modality_circuits.metrics import following_scores, relative_change  # noqa: E402
@@ -53,13 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_toy(path: Path = ROOT / "assets" / "toy-llava") -> tuple[HookedMLLM, str]:
-    if path.exists():
-        return HookedMLLM.from_pretrained(path), f"shipped toy model ({path.relative_to(ROOT)})"
-    from modality_circuits.toy.model import TOY_TEMPLATE, ToyConfig, toy_llava, word_level_tokenizer
-
-    tok = word_level_tokenizer()
-    hf = toy_llava(tok, ToyConfig())
-    return HookedMLLM.from_hf(hf, tok, template=TOY_TEMPLATE), "freshly initialised toy (ToyConfig defaults)"
+    return load_or_init_toy(path)
 
 
 class ShapedBatch(MLLMBatch):

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from modality_circuits import HookedMLLM  # noqa: E402
 from modality_circuits.data.synthetic import synthetic  # noqa: E402
+from modality_circuits.toy.model import load_or_init_toy  # noqa: E402
 from modality_circuits.interventions.core import layer_window  # noqa: E402
 from modality_circuits.sweeps import DEFAULT_EDGES, knockout_sweep  # noqa: E402
 
@@ -34,13 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_toy(path: Path = ROOT / "assets" / "toy-llava") -> tuple[HookedMLLM, str]:
-    if path.exists():
-        return HookedMLLM.from_pretrained(path), f"shipped toy model ({path.relative_to(ROOT)})"
-    from modality_circuits.toy.model import TOY_TEMPLATE, ToyConfig, toy_llava, word_level_tokenizer
-
-    tok = word_level_tokenizer()
-    hf = toy_llava(tok, ToyConfig())
-    return HookedMLLM.from_hf(hf, tok, template=TOY_TEMPLATE), "freshly initialised toy (ToyConfig defaults)"
+    return load_or_init_toy(path)
 
 
 def work_ratio(model: HookedMLLM, samples, batch_size: int, window: int, mode: str) -> float:

@@ -87,3 +87,18 @@ def toy_llava(tokenizer: Any, cfg: ToyConfig) -> Any:
     model = LlavaForConditionalGeneration(lcfg)
     model.config._attn_implementation = "eager"
     return model
+
+
+def load_or_init_toy(path: Any = None) -> tuple[Any, str]:
+    """The shipped toy model as a HookedMLLM (``assets/toy-llava``), or, where it is absent, a freshly
+    initialised one of the same architecture; returns ``(model, description)`` (benchmarks use it)."""
+    from pathlib import Path
+
+    from ..models import HookedMLLM
+
+    path = Path(path) if path is not None else Path(__file__).resolve().parents[2] / "assets" / "toy-llava"
+    if (path / "config.json").exists():
+        return HookedMLLM.from_pretrained(path), f"shipped toy model ({path.name})"
+    tok = word_level_tokenizer()
+    return (HookedMLLM.from_hf(toy_llava(tok, ToyConfig()), tok, template=TOY_TEMPLATE),
+            "freshly initialised toy (ToyConfig defaults)")
