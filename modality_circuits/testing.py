@@ -128,3 +128,13 @@ def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_mod
                 p.normal_(0, 0.05).add_(1.0 if is_norm_weight else 0.0)
     model.config._attn_implementation = "eager"
     return model.eval()
+
+
+def tiny_toy_checkpoint(path: Any, seed: int = 0) -> Any:
+    """A random 2-layer toy LLaVA saved in the shipped toy model's format (word-level tokenizer, prompt layout)."""
+    from .toy.model import ToyConfig, save_checkpoint, toy_llava, word_level_tokenizer
+
+    cfg = ToyConfig(d_model=32, n_layers=2, n_heads=4, d_mlp=64, d_vision=16, vision_layers=1, vision_heads=2,
+                    seed=seed)
+    tok = word_level_tokenizer()
+    return save_checkpoint(toy_llava(tok, cfg), tok, path)

@@ -102,3 +102,21 @@ def load_or_init_toy(path: Any = None) -> tuple[Any, str]:
     tok = word_level_tokenizer()
     return (HookedMLLM.from_hf(toy_llava(tok, ToyConfig()), tok, template=TOY_TEMPLATE),
             "freshly initialised toy (ToyConfig defaults)")
+
+
+def save_checkpoint(model: Any, tokenizer: Any, out_dir: Any, image_size: int | None = None) -> Any:
+    """Write a toy model the way every checkpoint ships: safetensors, tokenizer, Pil image processor and
+    ``prompt_template.json`` (so ``HookedMLLM.from_pretrained`` picks up the toy chat layout)."""
+    import json
+    from pathlib import Path
+
+    from ..models.llava import LlavaAdapter
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    size = image_size or int(model.config.vision_config.image_size)
+    LlavaAdapter.default_image_processor(size).save_pretrained(out)
+    (out / "prompt_template.json").write_text(json.dumps(TOY_TEMPLATE.__dict__, indent=2))
+    return out

@@ -24,7 +24,7 @@ from ..data.synthetic import mixture
 from ..metrics import tokenize_answer
 from ..models.llava import LlavaAdapter
 from ..prompts import build_batch
-from .model import TOY_TEMPLATE, ToyConfig, toy_llava, word_level_tokenizer
+from .model import TOY_TEMPLATE, ToyConfig, save_checkpoint, toy_llava, word_level_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +127,7 @@ def train_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bool 
     train_minutes = (time.time() - t0) / 60
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    image_processor.save_pretrained(out_dir)
-    (out_dir / "prompt_template.json").write_text(json.dumps(TOY_TEMPLATE.__dict__, indent=2))
+    save_checkpoint(model, tokenizer, out_dir, cfg.image_size)
     summary = {"config": cfg.to_dict(), "steps_done": step + 1, "train_minutes": round(train_minutes, 2),
                "final_loss": float(np.mean(losses[-50:])), "torch_threads": torch.get_num_threads()}
     if evaluate_fn is not None:

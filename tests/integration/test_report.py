@@ -28,17 +28,10 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PAT
 
 
 def write_tiny_toy(path: Path) -> Path:
-    """A random 2-layer toy LLaVA in the shipped model's format."""
-    from modality_circuits.models.llava import LlavaAdapter
-    from modality_circuits.toy.model import TOY_TEMPLATE, ToyConfig, toy_llava, word_level_tokenizer
+    """A random 2-layer toy LLaVA saved in the shipped model's format."""
+    from modality_circuits.testing import tiny_toy_checkpoint
 
-    cfg = ToyConfig(d_model=32, n_layers=2, n_heads=4, d_mlp=64, d_vision=16, vision_layers=1, vision_heads=2)
-    tok = word_level_tokenizer()
-    toy_llava(tok, cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    LlavaAdapter.default_image_processor(cfg.image_size).save_pretrained(path)
-    (path / "prompt_template.json").write_text(json.dumps(TOY_TEMPLATE.__dict__))
-    return path
+    return tiny_toy_checkpoint(path)
 
 
 @pytest.fixture(scope="module")
