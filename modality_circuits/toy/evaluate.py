@@ -59,6 +59,13 @@ def write_model_card(out_dir: Path, summary: dict) -> None:
         return (f"| {k} | {v.get('accuracy', 'n/a')} | {v.get('failures', 'n/a')} | {open_txt} | "
                 f"{v.get('by_task', '')} |")
 
+    vp = summary.get("vision_pretraining")
+    vision = (f"{vp['steps']} steps × batch {cfg.get('vision_pretrain_batch')} (AdamW lr "
+              f"{cfg.get('vision_pretrain_lr')}), vision tower + projector with one linear head per scene attribute "
+              f"on the mean projected image token (heads discarded); training accuracy at the end "
+              f"{vp['train_accuracy']}" if vp else "none (vision tower trained only by the instruction-tuning loss)")
+    frozen = ("vision tower frozen, projector + decoder trained" if cfg.get("freeze_vision")
+              else "all weights trained")
     text = f"""# toy-llava: a tiny LLaVA trained here to follow modality instructions
 
 An ordinary `LlavaForConditionalGeneration` (CLIP vision tower {cfg['vision_layers']} layers × d{cfg['d_vision']},
@@ -67,12 +74,14 @@ An ordinary `LlavaForConditionalGeneration` (CLIP vision tower {cfg['vision_laye
 d_model {cfg['d_model']}, {cfg['n_heads']} heads, d_mlp {cfg['d_mlp']}; word-level tokenizer) trained from scratch by
 `modality-circuits train-toy` on seeded synthetic data (`modality_circuits.data.synthetic.mixture`: 60% conflict,
 15% consistent, 12.5% image-only and 12.5% text-only probes; tasks color / shape / count / position; the paper's two
-instructions verbatim; the three format sentences). Loss on the answer tokens + EOS only.
+instructions verbatim; the three format sentences), in two stages as LLaVA is built:
+
+1. vision pretraining: {vision}
+2. instruction tuning: loss on the answer tokens + EOS only; {frozen}.
 
 - seed: {cfg['seed']}; training samples: {cfg['n_train']}; steps: {summary['steps_done']} × batch {cfg['batch_size']};
-  AdamW lr {cfg['lr']} (×{cfg.get('vision_lr_mult', 1)} for the vision tower and projector; cosine, warmup
-  {cfg['warmup']})
-- training time: {summary['train_minutes']} min on {summary.get('torch_threads', '?')} CPU threads; final loss
+  AdamW lr {cfg['lr']} (×{cfg.get('vision_lr_mult', 1)} for the projector; cosine, warmup {cfg['warmup']})
+- training time: {summary['train_minutes']} min on {summary.get("torch_threads", "?")} CPU thread(s); final loss
   {summary['final_loss']:.4f}
 - prompt layout: `prompt_template.json` (system, `USER:`, segments separated by newlines, `ASSISTANT:`)
 

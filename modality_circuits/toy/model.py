@@ -34,10 +34,14 @@ class ToyConfig:
     n_heads: int = 8
     d_mlp: int = 256
     n_train: int = 24000
-    steps: int = 1400
+    steps: int = 570
     batch_size: int = 48
     lr: float = 2e-3
-    vision_lr_mult: float = 1.0
+    vision_lr_mult: float = 1.0  # step multiplier for the projector (and the vision tower when not frozen)
+    vision_pretrain_steps: int = 800  # stage 1: vision tower + projector learn the scene attributes (0 = skip)
+    vision_pretrain_batch: int = 128
+    vision_pretrain_lr: float = 3e-3
+    freeze_vision: bool = True  # stage 2 trains projector + decoder with the vision tower frozen (as LLaVA does)
     weight_decay: float = 0.01
     warmup: int = 150
     max_minutes: float = 14.5

@@ -1,7 +1,13 @@
 """Training the toy MLLM from scratch on synthetic modality-conflict data (``modality-circuits train-toy``).
 
-The model is trained as an ordinary HF ``LlavaForConditionalGeneration`` with teacher forcing on the answer
-tokens (+EOS) only, on prompts built by the same prompt builder the analyses use. Seeded end to end and
+Two stages, as LLaVA is built from a pretrained vision encoder:
+
+1. **vision pretraining** (``ToyConfig.vision_pretrain_steps``): the CLIP vision tower and the projector learn the
+   scene attributes (colour, shape, count, position) from the training images through throw-away linear heads on
+   the mean of the projected image tokens (the features the decoder will read);
+2. **instruction tuning**: the whole ``LlavaForConditionalGeneration`` (vision tower frozen by default) is trained
+   with teacher forcing on the answer tokens (+EOS) only, on prompts built by the same prompt builder the
+   analyses use. Seeded end to end and
 single-threaded (``ToyConfig.threads``) with a step-based schedule, so the same seed gives the same model;
 ``max_minutes`` is only a safety stop. The checkpoint (safetensors, config, tokenizer, image processor, prompt layout and
 a model card with data spec, seed, time and measured accuracies) is written with ``save_pretrained``.
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.synthetic import mixture
+from ..data.synthetic import TASKS, VALUES, mixture
 from ..metrics import tokenize_answer
 from ..models.llava import LlavaAdapter
 from ..prompts import build_batch
@@ -73,6 +79,55 @@ def _collate(examples: list[tuple[list[int], int, Any]], pad_id: int) -> dict[st
     return batch
 
 
+def image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected image tokens of a HF LLaVA, ``[batch, image_tokens, d_model]`` (``get_image_features``)."""
+    out = model.model.get_image_features(pixel_values=pixel_values)
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, (list, tuple)):
+        feats = torch.stack(list(feats))
+    return feats.view(pixel_values.shape[0], -1, feats.shape[-1])
+
+
+def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg: ToyConfig,
+                    progress: bool = True) -> dict:
+    """Stage 1: train the vision tower + projector to expose every scene attribute in the image tokens.
+
+    ``pixels``: ``[n_images, 3, H, W]``; ``labels``: ``[n_images, n_tasks]``, the index of each task's value in
+    ``VALUES[task]`` (tasks in ``TASKS`` order). One linear head per task reads the mean projected image token;
+    the heads are discarded afterwards. Returns the final mean loss and the training-set accuracy per task.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    d = model.config.text_config.hidden_size
+    heads = torch.nn.ModuleList([torch.nn.Linear(d, len(VALUES[t])) for t in TASKS])
+    params = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    opt = torch.optim.AdamW(params + list(heads.parameters()), lr=cfg.vision_pretrain_lr,
+                            weight_decay=cfg.weight_decay)
+    steps = cfg.vision_pretrain_steps
+    losses: list[float] = []
+    correct = torch.zeros(len(TASKS))
+    seen = 0
+    bar = tqdm(range(steps), desc="train-toy vision", disable=not progress)
+    for step in bar:
+        idx = torch.randint(0, len(pixels), (min(cfg.vision_pretrain_batch, len(pixels)),), generator=gen)
+        pooled = image_features(model, pixels[idx]).mean(1)  # [batch, d_model]
+        logits = [h(pooled) for h in heads]
+        loss = sum(torch.nn.functional.cross_entropy(lg, labels[idx, i]) for i, lg in enumerate(logits))
+        for g in opt.param_groups:
+            g["lr"] = cfg.vision_pretrain_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step >= steps - 20:  # training accuracy over the last 20 batches
+            correct += torch.stack([(lg.argmax(-1) == labels[idx, i]).float().sum() for i, lg in enumerate(logits)])
+            seen += len(idx)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    acc = (correct / max(seen, 1)).tolist()
+    return {"steps": steps, "final_loss": float(np.mean(losses[-20:])) if losses else None,
+            "train_accuracy": {t: round(a, 4) for t, a in zip(TASKS, acc)}}
+
+
 def train_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bool = True,
               evaluate_fn: Callable[[Path], dict] | None = None) -> dict:
     """Train the toy MLLM and save it to ``out_dir``. Returns the training summary (also in the model card)."""
@@ -87,12 +142,24 @@ def train_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bool 
     tpi = (cfg.image_size // cfg.patch_size) ** 2
     t0 = time.time()
     logger.info("generating %d training samples", cfg.n_train)
-    data = encode_examples(mixture(cfg.n_train, seed=cfg.seed, image_size=cfg.image_size), tokenizer,
-                           image_processor, tpi)
-    # the vision tower and projector may take a larger step (ToyConfig.vision_lr_mult; default 1 = same step)
-    vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    samples = mixture(cfg.n_train, seed=cfg.seed, image_size=cfg.image_size)
+    data = encode_examples(samples, tokenizer, image_processor, tpi)
+    vision_summary = None
+    if cfg.vision_pretrain_steps > 0:
+        with_image = [(s, e[2]) for s, e in zip(samples, data) if e[2] is not None]
+        if with_image:
+            pixels = torch.stack([px for _, px in with_image])
+            labels = torch.tensor([[VALUES[t].index(s.meta["scene"].answer(t)) for t in TASKS] for s, _ in with_image])
+            model.train()
+            vision_summary = pretrain_vision(model, pixels, labels, cfg, progress=progress)
+            logger.info("vision pretraining: %s", vision_summary)
+    if cfg.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    # the projector (and an unfrozen vision tower) may take a larger step (ToyConfig.vision_lr_mult)
+    vision = [p for n, p in model.named_parameters()
+              if p.requires_grad and ("vision_tower" in n or "multi_modal_projector" in n)]
     ids = {id(p) for p in vision}
-    rest = [p for p in model.parameters() if id(p) not in ids]
+    rest = [p for n, p in model.named_parameters() if id(p) not in ids and "vision_tower" not in n]
     opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": vision, "mult": cfg.vision_lr_mult}],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
@@ -113,7 +180,7 @@ def train_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bool 
                                                  b["labels"][:, 1:].reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         for g in opt.param_groups:
             g["lr"] = lr_at(step) * g["mult"]
         opt.step()
@@ -128,7 +195,9 @@ def train_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bool 
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, tokenizer, out_dir, cfg.image_size)
-    summary = {"config": cfg.to_dict(), "steps_done": step + 1, "train_minutes": round(train_minutes, 2),
+    if cfg.freeze_vision:
+        model.model.vision_tower.requires_grad_(True)
+    summary = {"config": cfg.to_dict(), "vision_pretraining": vision_summary, "steps_done": step + 1, "train_minutes": round(train_minutes, 2),
                "final_loss": float(np.mean(losses[-50:])), "torch_threads": torch.get_num_threads()}
     if evaluate_fn is not None:
         summary["metrics"] = evaluate_fn(out_dir)
