@@ -132,11 +132,12 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
     from ..toy.train import train_toy
 
     seed_everything(args.seed)
-    if args.steps < 1 or args.minutes <= 0 or args.n_train < 1:
-        raise ModalityCircuitsError("--steps and --n-train must be >= 1 and --minutes > 0.")
+    if args.steps < 1 or args.minutes <= 0 or args.n_train < 1 or args.vision_steps < 0:
+        raise ModalityCircuitsError("--steps and --n-train must be >= 1, --vision-steps >= 0 and --minutes > 0.")
     out = Path(args.out)
     t0 = time.time()
-    cfg = ToyConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train)
+    cfg = ToyConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train,
+                    vision_pretrain_steps=args.vision_steps)
 
     def evaluate(path: Path) -> dict:
         return evaluate_model(HookedMLLM.from_pretrained(path), n=args.eval_n, progress=not args.quiet)
@@ -223,11 +224,16 @@ def _head_opts(p: argparse.ArgumentParser) -> None:
                    help="share of conflict samples used to select heads; the rest evaluates (default: 0.5)")
     g.add_argument("--select-condition", choices=("both", "image", "text"), default="both",
                    help="condition whose scores select the heads (default: both pooled)")
+    g.add_argument("--n-failed-pool", type=int, default=1000, metavar="N",
+                   help="synthetic data: N more seeded conflict samples searched for failures to amplify, beyond "
+                        "the evaluation split's (default: 1000; 0: the evaluation split only)")
     g.add_argument("--top-heads", type=int, default=6, metavar="K", help="heads shown in attention views (default: 6)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``modality-circuits``."""
+    from ..toy.model import ToyConfig  # the train-toy defaults come from it
+
     parser = argparse.ArgumentParser(
         prog="modality-circuits", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Mechanistic interpretability of modality following in multimodal LLMs: which layers, heads and "
@@ -281,9 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "samples and write README.md/metrics.json next to the checkpoint.")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--steps", type=int, default=1400, help="optimizer steps (default: 1400)")
-    p.add_argument("--minutes", type=float, default=14.5, help="safety stop in minutes (default: 14.5)")
-    p.add_argument("--n-train", type=int, default=24000, metavar="N", help="training samples (default: 24000)")
+    toy = ToyConfig()
+    p.add_argument("--steps", type=int, default=toy.steps,
+                   help=f"instruction-tuning optimizer steps (default: {toy.steps})")
+    p.add_argument("--vision-steps", type=int, default=toy.vision_pretrain_steps, metavar="N",
+                   help=f"stage-1 vision pretraining steps before instruction tuning (default: "
+                        f"{toy.vision_pretrain_steps}; 0 skips it)")
+    p.add_argument("--minutes", type=float, default=toy.max_minutes,
+                   help=f"safety stop in minutes (default: {toy.max_minutes})")
+    p.add_argument("--n-train", type=int, default=toy.n_train, metavar="N",
+                   help=f"training samples (default: {toy.n_train})")
     p.add_argument("--eval-n", type=int, default=200, metavar="N",
                    help="held-out evaluation samples per condition (default: 200)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")

@@ -124,6 +124,23 @@ def stage_anchors(run: Run, model: Any, conflict: list, args: argparse.Namespace
     return df
 
 
+def failed_pool(model: Any, args: argparse.Namespace) -> list:
+    """``--n-failed-pool`` extra seeded synthetic conflict samples (own ids, own seed) searched for failures to
+    amplify; empty for JSON data, whose samples are all in the analysis already."""
+    import dataclasses
+
+    from ..data import synthetic
+
+    n = getattr(args, "n_failed_pool", 0) or 0
+    if n < 0:
+        raise ModalityCircuitsError(f"--n-failed-pool must be >= 0 (got {n}).")
+    if n == 0 or args.data not in (None, "synthetic"):
+        return []
+    size = int(getattr(model.image_encoder, "image_size", 32))
+    return [dataclasses.replace(s, id=f"pool-{s.id}")
+            for s in synthetic(n, seed=args.seed + 7919, kind="conflict", image_size=size)]
+
+
 def stage_heads(run: Run, model: Any, conflict: list, general: list, args: argparse.Namespace) -> Any:
     import pandas as pd
 
@@ -136,7 +153,7 @@ def stage_heads(run: Run, model: Any, conflict: list, general: list, args: argpa
         res = heads_experiment(model, conflict, general, pct=args.pct, method=args.method, select_condition=cond,
                                mode=args.mode, alphas=_csv_list(args.alphas, float), n_random=args.n_random,
                                select_frac=args.select_frac, seed=args.seed, batch_size=args.batch_size,
-                               progress=not run.quiet)
+                               progress=not run.quiet, failed_pool=failed_pool(model, args))
         sel_ids = set(res.split["selection"])
         sel_samples = [s for s in conflict if s.id in sel_ids]
         tables = [res.scores]

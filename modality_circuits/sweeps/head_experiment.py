@@ -7,7 +7,9 @@ Protocol (the paper's, made explicit):
    top ``pct``% heads by the chosen method (and condition, or both pooled) are selected.
 3. On the evaluation split, per condition (vision- / text-following): MFR before and after **blocking** the
    selected heads (zero or mean ablation of ``hook_z``); the share of **failed** samples (not following before)
-   **restored** by amplifying the selected heads' output by each ``α``.
+   **restored** by amplifying the selected heads' output by each ``α``. A model that rarely fails leaves few
+   failed samples in the evaluation split; ``failed_pool`` adds more conflict samples (disjoint from the selection
+   split) that are only searched for failures to amplify.
 4. **Controls**: the same with ``n_random`` random head sets of equal size (mean ± std), and **general
    ability** (accuracy on single-modality probes and consistent samples) before and after blocking.
 
@@ -73,13 +75,21 @@ def random_head_sets(n_layers: int, n_heads: int, size: int, n: int, seed: int) 
 def heads_experiment(model: Any, conflict: Sequence[Any], general: Sequence[Any] = (), *, pct: float = 5.0,
                      method: str = "ablation", select_condition: str | None = None, mode: str = "zero",
                      alphas: Sequence[float] = (2.0, 4.0, 8.0), n_random: int = 10, select_frac: float = 0.5,
-                     seed: int = 0, batch_size: int = 16, progress: bool = True) -> HeadExperimentResult:
-    """Run the protocol above. ``general``: probe and consistent samples for the general-ability control."""
+                     seed: int = 0, batch_size: int = 16, progress: bool = True,
+                     failed_pool: Sequence[Any] = ()) -> HeadExperimentResult:
+    """Run the protocol above. ``general``: probe and consistent samples for the general-ability control;
+    ``failed_pool``: extra conflict samples searched for failures to amplify (their ids must not be in
+    ``conflict``). The table's ``failed`` rows count the failed samples amplified per condition."""
     if n_random < 1:
         raise InterventionError(f"n_random must be >= 1, got {n_random}.")
     for a in alphas:
         if not a > 0:
             raise InterventionError(f"Amplification factors must be > 0, got {a}.")
+    clash = {s.id for s in conflict} & {s.id for s in failed_pool}
+    if clash:
+        raise InterventionError(f"failed_pool shares {len(clash)} sample id(s) with the conflict samples (e.g. "
+                                f"{sorted(clash)[:3]}); the pool must be disjoint from the head-selection split. "
+                                "Give the pool samples their own ids.")
     sel_split, eval_split = split_samples(list(conflict), select_frac, seed)
     logger.info("head selection on %d samples, evaluation on %d disjoint samples", len(sel_split), len(eval_split))
     scores = head_scores(model, sel_split, method=method, mode=mode, batch_size=batch_size, progress=progress)
@@ -104,9 +114,13 @@ def heads_experiment(model: Any, conflict: Sequence[Any], general: Sequence[Any]
         base = _followed(model, ev, [], batch_size)
         add(cond, "mfr", "none", "none", float(base.float().mean()), len(ev))
         failed = [s for s, ok in zip(ev, base.tolist()) if not ok]
+        pool = [s for s in failed_pool if s.follow == cond]
+        if pool:
+            failed += [s for s, ok in zip(pool, _followed(model, pool, [], batch_size).tolist()) if not ok]
+        add(cond, "failed", "none", "none", float(len(failed)), len(ev) + len(pool))
         if not failed:
             logger.warning("condition %s: no failed samples to amplify (all %d follow the instruction); "
-                           "restore rates are not defined", cond, len(ev))
+                           "restore rates are not defined", cond, len(ev) + len(pool))
         for name, draw, hs in sets:
             blocked = _followed(model, ev, head_scale_hooks(model, hs, 0.0, baseline=baseline), batch_size)
             add(cond, "mfr", "block", name, float(blocked.float().mean()), len(ev), draw=draw)

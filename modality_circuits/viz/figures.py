@@ -250,11 +250,15 @@ def results_table_html(summary: pd.DataFrame, split: Mapping[str, Any] | None = 
     order = {"image": 0, "text": 1, "consistent": 2, "image_probe": 3, "text_probe": 4}
     sm = summary.copy()
     sm["_o"] = sm["condition"].map(lambda c: order.get(c, 9))
-    sm["_m"] = sm["intervention"].map({"none": 0, "block": 1, "amplify": 2}).fillna(3)
+    sm["_m"] = sm["intervention"].map({"none": 0, "block": 1, "amplify": 3}).fillna(4)
+    sm.loc[sm["measure"] == "failed", "_m"] = 2  # the failed-sample count heads the amplification rows
     sm = sm.sort_values(["_o", "_m", "alpha"], na_position="first")
     for _, r in sm.iterrows():
         meas, inter = r["measure"], r["intervention"]
-        if inter == "none":
+        value = _fmt(r["value"])
+        if meas == "failed":
+            what, value = "failed samples to amplify (n: samples searched)", f"{int(r['value'])}"
+        elif inter == "none":
             what = "MFR, no intervention" if meas == "mfr" else f"{meas}, no intervention"
         elif inter == "block":
             what = ("MFR with the heads blocked" if meas == "mfr" else f"{meas} with the heads blocked")
@@ -263,7 +267,7 @@ def results_table_html(summary: pd.DataFrame, split: Mapping[str, Any] | None = 
         rnd = "–" if inter == "none" else (
             f"{_fmt(r.get('random_mean'))} ± {_fmt(r.get('random_std'))}" if pd.notna(r.get("random_mean")) else "–")
         rows.append(f"<tr><td>{html.escape(_label(r['condition']))}</td><td>{html.escape(what)}</td>"
-                    f"<td class='num'>{_fmt(r['value'])}</td><td class='num'>{rnd}</td>"
+                    f"<td class='num'>{value}</td><td class='num'>{rnd}</td>"
                     f"<td class='num'>{int(r['n']) if pd.notna(r['n']) else '–'}</td></tr>")
     head = ("<tr><th>condition / samples</th><th>measure</th><th>selected heads</th>"
             f"<th>random heads (mean ± std{f' over {n_random} sets' if n_random else ''})</th><th>n</th></tr>")

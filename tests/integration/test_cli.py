@@ -24,7 +24,7 @@ RESULT_CSVS = ("mfr.csv", "generations.csv", "knockout.csv", "knockout_summary.c
                "head_scores.csv", "heads_table.csv", "heads_summary.csv")
 RESULT_JSONS = ("evaluate.json", "heads_selection.json", "attention_views.json", "image_attention.json",
                 "results.json")
-TINY_RUN = ["--n", "8", "--n-general", "2", "--n-random", "2", "--alphas", "2,4", "--heatmap-methods",
+TINY_RUN = ["--n", "8", "--n-general", "2", "--n-failed-pool", "6", "--n-random", "2", "--alphas", "2,4", "--heatmap-methods",
             "ablation,dla,attention", "--batch-size", "8", "--threads", "1", "--no-png", "--quiet"]
 
 
@@ -284,7 +284,8 @@ def test_real_data_reproduce(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 
 def test_train_toy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "toy"
-    rc, stdout, _ = run_cli(["train-toy", "--out", str(out), "--steps", "2", "--n-train", "48", "--eval-n", "4",
+    rc, stdout, _ = run_cli(["train-toy", "--out", str(out), "--steps", "2", "--vision-steps", "2", "--n-train", "48",
+                             "--eval-n", "4",
                              "--minutes", "2"], capsys)
     assert rc == 0, stdout
     for name in ("model.safetensors", "config.json", "tokenizer.json", "prompt_template.json", "README.md",

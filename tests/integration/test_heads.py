@@ -423,11 +423,11 @@ def test_heads_experiment_table(circuit_model):
     assert not set(res.split["selection"]) & set(res.split["evaluation"])
     assert set(t["intervention"]) == {"none", "block", "amplify"}
     assert set(t["heads"]) == {"none", "selected", "random"}
-    assert set(t["measure"]) >= {"mfr", "accuracy"}
+    assert set(t["measure"]) >= {"mfr", "accuracy", "failed"}
     assert {"image_probe", "text_probe"} <= set(t["condition"])
     blocked = t[(t["measure"] == "mfr") & (t["intervention"] == "block")]
     assert (blocked.groupby("condition")["heads"].apply(lambda h: (h == "random").sum()) == 2).all()
-    vals = t["value"].dropna()
+    vals = t[t["measure"] != "failed"]["value"].dropna()
     assert ((vals >= 0) & (vals <= 1)).all()
     s = res.summary()
     assert {"random_mean", "random_std"} <= set(s.columns)
@@ -452,6 +452,35 @@ def test_heads_experiment_without_failed_samples_warns_and_gives_nan(circuit_mod
     assert len(restored) and restored["value"].isna().all() and (restored["n"] == 0).all()
     base = res.table[(res.table["measure"] == "mfr") & (res.table["intervention"] == "none")]
     assert (base["value"] == 1.0).all()
+
+
+def test_heads_experiment_failed_pool(circuit_model):
+    """Failures found in ``failed_pool`` are amplified alongside the evaluation split's; ids must not clash."""
+    import dataclasses
+
+    from modality_circuits.data.synthetic import synthetic
+    from modality_circuits.metrics import score_dataset
+
+    samples = synthetic(32, seed=5)
+    ok = score_dataset(circuit_model, samples, progress=False).followed.tolist()
+    followed = [s for s, f in zip(samples, ok) if f]
+    failing = [dataclasses.replace(s, id=f"pool-{s.id}") for s, f in zip(samples, ok) if not f]
+    assert len(followed) >= 4 and failing, "the fixture model should both follow and fail on some samples"
+    res = heads_experiment(circuit_model, followed, pct=10, method="dla", alphas=(2.0,), n_random=1,
+                           progress=False, failed_pool=failing)
+    t = res.table
+    for cond in ("image", "text"):
+        n_fail = sum(s.follow == cond for s in failing)
+        found = t[(t["condition"] == cond) & (t["measure"] == "failed")]
+        if not len(found):
+            continue  # no evaluation samples of this condition
+        assert found["value"].iloc[0] == n_fail
+        restored = t[(t["condition"] == cond) & (t["measure"] == "restored")]
+        assert (restored["n"] == n_fail).all()
+        assert restored["value"].notna().all() == (n_fail > 0)
+    assert not set(res.split["selection"]) & {s.id for s in failing}
+    with pytest.raises(InterventionError, match="disjoint"):
+        heads_experiment(circuit_model, followed, method="dla", progress=False, failed_pool=followed[:1])
 
 
 def test_heads_experiment_bad_input(circuit_model, syn_samples):
