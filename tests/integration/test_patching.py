@@ -289,7 +289,9 @@ def test_path_patch_heads_batched_equals_single(circuit_model, flip_pair):
     assert torch.isnan(scan.values[2]).all()  # layer-2 heads do not reach layer-2 receivers
     for layer, h in [(0, 0), (0, 3), (1, 1), (1, 2)]:
         one = path_patch(circuit_model, flip_pair, [(layer, h)], recv)
-        assert abs(float(one.values) - float(scan.values[layer, h])) < TOL
+        assert abs(float(one.raw) - float(scan.raw[layer, h])) < TOL  # the metric itself
+        # the normalised effect divides by (clean − noise), which magnifies fp32 noise; compare it relatively
+        assert float(one.values) == pytest.approx(float(scan.values[layer, h]), rel=1e-4)
 
 
 # -------------------------------------------------------------------------------------------- bad input
