@@ -322,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if v is not None and v < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1 (got {v})", file=sys.stderr)
             return 2
+    if getattr(args, "n_failed_pool", 0) < 0:  # checked before any stage runs, so no work is lost
+        print(f"error: --n-failed-pool must be >= 0 (got {args.n_failed_pool})", file=sys.stderr)
+        return 2
     det = _deterministic_state()
     try:
         return int(args.func(args) or 0)

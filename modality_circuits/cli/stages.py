@@ -131,9 +131,7 @@ def failed_pool(model: Any, args: argparse.Namespace) -> list:
 
     from ..data import synthetic
 
-    n = getattr(args, "n_failed_pool", 0) or 0
-    if n < 0:
-        raise ModalityCircuitsError(f"--n-failed-pool must be >= 0 (got {n}).")
+    n = args.n_failed_pool  # >= 0, checked by cli.main
     if n == 0 or args.data not in (None, "synthetic"):
         return []
     size = int(getattr(model.image_encoder, "image_size", 32))

@@ -7,10 +7,12 @@ Two stages, as LLaVA is built from a pretrained vision encoder:
    the mean of the projected image tokens (the features the decoder will read);
 2. **instruction tuning**: the whole ``LlavaForConditionalGeneration`` (vision tower frozen by default) is trained
    with teacher forcing on the answer tokens (+EOS) only, on prompts built by the same prompt builder the
-   analyses use. Seeded end to end and
-single-threaded (``ToyConfig.threads``) with a step-based schedule, so the same seed gives the same model;
-``max_minutes`` is only a safety stop. The checkpoint (safetensors, config, tokenizer, image processor, prompt layout and
-a model card with data spec, seed, time and measured accuracies) is written with ``save_pretrained``.
+   analyses use.
+
+Seeded end to end and single-threaded (``ToyConfig.threads``) with step-based schedules, so the same seed gives
+the same model; ``max_minutes`` is only a safety stop. The checkpoint (safetensors, config, tokenizer, image
+processor, prompt layout and a model card with data spec, seed, time and measured accuracies) is written with
+``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def train_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bool 
     vision = [p for n, p in model.named_parameters()
               if p.requires_grad and ("vision_tower" in n or "multi_modal_projector" in n)]
     ids = {id(p) for p in vision}
-    rest = [p for n, p in model.named_parameters() if id(p) not in ids and "vision_tower" not in n]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": vision, "mult": cfg.vision_lr_mult}],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
@@ -195,9 +197,8 @@ def train_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bool 
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, tokenizer, out_dir, cfg.image_size)
-    if cfg.freeze_vision:
-        model.model.vision_tower.requires_grad_(True)
-    summary = {"config": cfg.to_dict(), "vision_pretraining": vision_summary, "steps_done": step + 1, "train_minutes": round(train_minutes, 2),
+    summary = {"config": cfg.to_dict(), "vision_pretraining": vision_summary, "steps_done": step + 1,
+               "train_minutes": round(train_minutes, 2),
                "final_loss": float(np.mean(losses[-50:])), "torch_threads": torch.get_num_threads()}
     if evaluate_fn is not None:
         summary["metrics"] = evaluate_fn(out_dir)

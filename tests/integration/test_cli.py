@@ -24,8 +24,8 @@ RESULT_CSVS = ("mfr.csv", "generations.csv", "knockout.csv", "knockout_summary.c
                "head_scores.csv", "heads_table.csv", "heads_summary.csv")
 RESULT_JSONS = ("evaluate.json", "heads_selection.json", "attention_views.json", "image_attention.json",
                 "results.json")
-TINY_RUN = ["--n", "8", "--n-general", "2", "--n-failed-pool", "6", "--n-random", "2", "--alphas", "2,4", "--heatmap-methods",
-            "ablation,dla,attention", "--batch-size", "8", "--threads", "1", "--no-png", "--quiet"]
+TINY_RUN = ["--n", "8", "--n-general", "2", "--n-failed-pool", "6", "--n-random", "2", "--alphas", "2,4",
+            "--heatmap-methods", "ablation,dla,attention", "--batch-size", "8", "--threads", "1", "--no-png", "--quiet"]
 
 
 def write_tiny_toy(path: Path) -> Path:
@@ -184,6 +184,14 @@ def test_bad_values(toy_dir: Path, tmp_path: Path, extra: list[str], message: st
     assert message in one_error_line(err)
 
 
+def test_negative_failed_pool_fails_before_any_work(toy_dir: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    rc, _, err = run_cli(["heads", "--model", str(toy_dir), "--out", str(tmp_path / "h"), "--quiet",
+                          "--n-failed-pool", "-1"], capsys)
+    assert rc == 2 and "--n-failed-pool must be >= 0" in one_error_line(err)
+    assert not (tmp_path / "h").exists()
+
+
 def test_report_of_missing_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc, _, err = run_cli(["report", str(tmp_path / "nothing")], capsys)
     assert rc == 2 and "results directory not found" in one_error_line(err)
@@ -285,8 +293,7 @@ def test_real_data_reproduce(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 def test_train_toy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "toy"
     rc, stdout, _ = run_cli(["train-toy", "--out", str(out), "--steps", "2", "--vision-steps", "2", "--n-train", "48",
-                             "--eval-n", "4",
-                             "--minutes", "2"], capsys)
+                             "--eval-n", "4", "--minutes", "2"], capsys)
     assert rc == 0, stdout
     for name in ("model.safetensors", "config.json", "tokenizer.json", "prompt_template.json", "README.md",
                  "metrics.json", "training_summary.json"):
