@@ -45,3 +45,7 @@ class InterventionError(ModalityCircuitsError):
 
 class NumericalError(ModalityCircuitsError):
     """A forward pass produced NaN or inf where a finite value is required."""
+
+
+class PositionLimitError(ModalityCircuitsError):
+    """A prompt needs more positions than the model's positional scheme computes exactly."""

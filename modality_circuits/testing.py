@@ -41,18 +41,22 @@ def tiny_bpe_tokenizer(corpus: Sequence[str] | str = DEFAULT_CORPUS, vocab_size:
 def tiny_llava(tokenizer: Any, *, decoder: str = "llama", n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
                n_kv_heads: int | None = None, d_mlp: int = 128, image_size: int = 32, patch_size: int = 8,
                vision_layers: int = 2, d_vision: int = 32, vision_feature_layer: int | list[int] = -2,
-               vision_feature_select_strategy: str = "default", seed: int = 0, vocab_pad: int = 0) -> Any:
-    """A random ``LlavaForConditionalGeneration`` (eager attention, fp32) sized for unit tests."""
+               vision_feature_select_strategy: str = "default", seed: int = 0, vocab_pad: int = 0,
+               text_overrides: dict[str, Any] | None = None) -> Any:
+    """A random ``LlavaForConditionalGeneration`` (eager attention, fp32) sized for unit tests.
+
+    ``text_overrides``: extra text-config fields (``rope_parameters``, ``attention_bias``, ``layer_types`` …)."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     text_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[decoder]
     vocab = len(tokenizer) + vocab_pad
-    text = text_cls(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-                    num_attention_heads=n_heads, num_key_value_heads=n_kv_heads or n_heads,
-                    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id)
+    text_kw = dict(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                   num_attention_heads=n_heads, num_key_value_heads=n_kv_heads or n_heads,
+                   max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+    text = text_cls(**{**text_kw, **(text_overrides or {})})
     vision = CLIPVisionConfig(hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
                               num_attention_heads=4, image_size=image_size, patch_size=patch_size,
                               projection_dim=d_vision)
@@ -90,7 +94,8 @@ def tiny_qwen_tokenizer(corpus: Sequence[str] | str = DEFAULT_CORPUS, vocab_size
 
 def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
                  n_kv_heads: int = 2, d_mlp: int = 128, mrope_section: Sequence[int] = (2, 3, 3),
-                 patch_size: int = 4, vision_depth: int = 2, d_vision: int = 32, seed: int = 0) -> Any:
+                 patch_size: int = 4, vision_depth: int = 2, d_vision: int = 32, seed: int = 0,
+                 text_overrides: dict[str, Any] | None = None) -> Any:
     """A random ``Qwen2VLForConditionalGeneration`` (``version="2"``) or ``Qwen2_5_VLForConditionalGeneration``
     (``"2.5"``), eager attention, fp32. Use with ``Qwen2VLImageProcessorPil(patch_size=patch_size, ...)``."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
@@ -103,6 +108,8 @@ def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_mod
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id)
+    for k, v in (text_overrides or {}).items():  # rope_parameters overrides merge (mrope_section stays)
+        text[k] = {**text[k], **v} if k == "rope_parameters" else v
     common = dict(image_token_id=ids["<|image_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                   vision_end_token_id=ids["<|vision_end|>"], video_token_id=ids["<|im_end|>"])
     if version == "2":

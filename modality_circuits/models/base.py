@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .._types import Float
 from ..errors import UnsupportedArchitectureError
 from ..prompts import ChatTemplate
+from .rope import RopeSpec, install_hf_rotary
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
 
@@ -71,8 +72,11 @@ class Adapter(nn.Module):
         return ChatTemplate()
 
     # ---------------------------------------------------------------- positions
-    def install(self, model: nn.Module) -> None:
-        """Adjust the HookedTransformer after it is built (e.g. multimodal rotary). Default: nothing."""
+    def install(self, model: nn.Module, rope: RopeSpec | None) -> None:
+        """Set up the HookedTransformer's rotary embedding once it is built. Default: HF's 1-D rotary tables
+        (:func:`~modality_circuits.models.rope.install_hf_rotary`); M-RoPE adapters override this."""
+        if rope is not None:
+            install_hf_rotary(model, rope)
 
     def rope_positions(self, tokens: Tensor, attention_mask: Tensor, model_inputs: dict[str, Any]) -> Tensor | None:
         """Architecture-specific rotary positions of a full prompt (``[3, batch, pos]`` for M-RoPE), or None

@@ -1,37 +1,76 @@
-"""Text decoders of MLLMs -> ``HookedTransformerConfig`` + TransformerLens state dict.
+"""Text decoders of MLLMs -> ``HookedTransformerConfig`` + weights, exact or refused.
 
-Registered by the HF text config's ``model_type`` (``llama``, ``mistral``, ``qwen2``); each entry builds the
-config the way TransformerLens's ``convert_hf_model_config`` does for that family (without touching the hub)
-and converts weights with TransformerLens's own converter. :func:`check_state_dict` then asserts that every
-parameter of the HookedTransformer gets exactly one tensor of the right shape.
+Registered by the HF text config's ``model_type`` (``llama``, ``mistral``, ``qwen2``, and the Qwen-VL text
+decoders). Each :class:`DecoderSpec` declares which HF config fields it **converts**; :func:`check_text_config`
+compares every other field HF knows for that config class with the class default and refuses any non-default
+value it has no conversion for, naming field and value (:data:`IGNORED_FIELDS` lists the fields that do not
+change the decoder's computation, each with the reason). Rotary embeddings come from HF's own functions
+(:mod:`~modality_circuits.models.rope`).
+
+Weights are mapped by :func:`llama_layer_weights` one HF tensor at a time, with **two-sided accounting**:
+:func:`load_decoder` asserts that every HookedTransformer parameter gets exactly one tensor of its shape and
+that every HF decoder weight was used (else :class:`~modality_circuits.errors.WeightConversionError` lists them).
+It copies layer by layer into the model and, when the HF model is owned by the loader, frees each HF layer as
+soon as it is converted, so loading peaks near one copy of the weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import einops
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
-from transformer_lens.loading_from_pretrained import _apply_llama3_rope_scaling, _get_rope_theta
-from transformer_lens.pretrained.weight_conversions import (
-    convert_llama_weights,
-    convert_mistral_weights,
-    convert_qwen2_weights,
-)
 
 from ..errors import UnsupportedArchitectureError, WeightConversionError
+from .rope import RopeSpec, rope_spec
+
+#: Fields HF knows that do not change what the decoder computes in eval mode (field -> why).
+IGNORED_FIELDS: dict[str, str] = {
+    "transformers_version": "metadata", "architectures": "metadata", "_name_or_path": "metadata",
+    "model_type": "selects the converter", "dtype": "weights are loaded in the dtype asked for",
+    "output_hidden_states": "an HF output option", "output_attentions": "an HF output option",
+    "return_dict": "an HF output option", "use_cache": "an HF generation option",
+    "chunk_size_feed_forward": "not read by these decoders", "is_encoder_decoder": "checked by the class",
+    "id2label": "classification heads only", "label2id": "classification heads only",
+    "problem_type": "classification heads only", "initializer_range": "random initialisation only",
+    "pad_token_id": "a tokenizer id; the forward does not read it",
+    "bos_token_id": "a tokenizer id; the forward does not read it",
+    "eos_token_id": "a tokenizer id; the forward does not read it",
+    "attention_dropout": "dropout is off in eval mode",
+    "pretraining_tp": "not read by transformers 5's Llama modeling code",
+    "tie_word_embeddings": "the lm_head weight is read as it is (tied or not)",
+}
+
+#: Fields every Llama-shaped decoder converts.
+LLAMA_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+})
+
+#: HF ``hidden_act`` -> TransformerLens ``act_fn`` (same function).
+ACT_FNS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
 
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    """How to turn one HF decoder family into TransformerLens form."""
+    """How to turn one HF decoder family into TransformerLens form.
+
+    Attributes:
+        tl_architecture: TransformerLens ``original_architecture``.
+        converted: HF config fields the family converts (beyond :data:`IGNORED_FIELDS`).
+        cfg_fn: HF text config -> ``HookedTransformerConfig`` fields.
+        checks: extra validation of field values (raises :class:`UnsupportedArchitectureError`).
+        qkv_bias: q/k/v projections always have biases (Qwen2).
+    """
 
     tl_architecture: str
+    converted: frozenset[str]
     cfg_fn: Callable[[Any], dict]
-    convert_fn: Callable[[Any, HookedTransformerConfig], dict]
+    checks: Callable[[Any], None] = lambda c: None
+    qkv_bias: bool = False
 
 
 DECODERS: dict[str, DecoderSpec] = {}
@@ -41,28 +80,47 @@ def register_decoder(model_type: str, spec: DecoderSpec) -> None:
     DECODERS[model_type] = spec
 
 
-def _d_head(c: Any) -> int:
+def d_head(c: Any) -> int:
     hd = getattr(c, "head_dim", None)
     return int(hd) if hd else c.hidden_size // c.num_attention_heads
 
 
+def _refuse(c: Any, field: str, value: Any, why: str) -> None:
+    raise UnsupportedArchitectureError(
+        f"{type(c).__name__}.{field}={value!r} is not converted: {why}. The checkpoint is refused rather than run "
+        "approximately.")
+
+
+def _sliding_layers(c: Any) -> list[bool]:
+    """Which layers use sliding-window attention (HF ``layer_types``, or Mistral's global ``sliding_window``)."""
+    types = getattr(c, "layer_types", None)
+    if types is not None:
+        bad = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if bad:
+            _refuse(c, "layer_types", bad, "only full_attention and sliding_attention layers exist here")
+        return [t == "sliding_attention" for t in types]
+    return [bool(getattr(c, "sliding_window", None))] * c.num_hidden_layers
+
+
 def _llama_cfg(c: Any) -> dict:
+    act = c.hidden_act
+    if act not in ACT_FNS:
+        _refuse(c, "hidden_act", act, f"supported activations are {sorted(ACT_FNS)}")
+    dh = d_head(c)
     d = {
-        "d_model": c.hidden_size, "d_head": _d_head(c), "n_heads": c.num_attention_heads,
+        "d_model": c.hidden_size, "d_head": dh, "n_heads": c.num_attention_heads,
         "d_mlp": c.intermediate_size, "n_layers": c.num_hidden_layers, "n_ctx": c.max_position_embeddings,
-        "eps": c.rms_norm_eps, "d_vocab": c.vocab_size, "act_fn": c.hidden_act,
+        "eps": c.rms_norm_eps, "d_vocab": c.vocab_size, "act_fn": ACT_FNS[act],
         "n_key_value_heads": (c.num_key_value_heads if c.num_key_value_heads != c.num_attention_heads else None),
         "normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False,
-        "rotary_dim": _d_head(c), "rotary_base": _get_rope_theta(c), "final_rms": True, "gated_mlp": True,
+        "rotary_dim": dh, "final_rms": True, "gated_mlp": True,
     }
-    _apply_llama3_rope_scaling(d, c)
-    return d
-
-
-def _mistral_cfg(c: Any) -> dict:
-    d = _llama_cfg(c)
-    if getattr(c, "sliding_window", None):
-        d.update(window_size=c.sliding_window, attn_types=["local"] * c.num_hidden_layers, use_local_attn=True)
+    sliding = _sliding_layers(c)
+    if any(sliding):
+        if not getattr(c, "sliding_window", None):
+            _refuse(c, "sliding_window", getattr(c, "sliding_window", None), "sliding layers need a window size")
+        d.update(window_size=int(c.sliding_window), use_local_attn=True,
+                 attn_types=["local" if s else "global" for s in sliding])
     return d
 
 
@@ -72,12 +130,20 @@ def _qwen2_cfg(c: Any) -> dict:
     return d
 
 
-register_decoder("llama", DecoderSpec("LlamaForCausalLM", _llama_cfg, convert_llama_weights))
-register_decoder("mistral", DecoderSpec("MistralForCausalLM", _mistral_cfg, convert_mistral_weights))
-register_decoder("qwen2", DecoderSpec("Qwen2ForCausalLM", _qwen2_cfg, convert_qwen2_weights))
+def _llama_checks(c: Any) -> None:
+    if getattr(c, "mlp_bias", False):
+        _refuse(c, "mlp_bias", True, "TransformerLens's gated MLP adds its input bias after the gate product, so "
+                "HF's gate_proj/up_proj biases have no exact counterpart")
+
+
+register_decoder("llama", DecoderSpec("LlamaForCausalLM", LLAMA_FIELDS | {"attention_bias", "mlp_bias"},
+                                      _llama_cfg, _llama_checks))
+register_decoder("mistral", DecoderSpec("MistralForCausalLM", LLAMA_FIELDS | {"sliding_window"}, _llama_cfg))
+_QWEN2_FIELDS = LLAMA_FIELDS | {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
+register_decoder("qwen2", DecoderSpec("Qwen2ForCausalLM", _QWEN2_FIELDS, _qwen2_cfg, qkv_bias=True))
 # Qwen2-VL / Qwen2.5-VL text decoders are Qwen2 (their M-RoPE is installed by the adapter)
-register_decoder("qwen2_vl_text", DecoderSpec("Qwen2ForCausalLM", _qwen2_cfg, convert_qwen2_weights))
-register_decoder("qwen2_5_vl_text", DecoderSpec("Qwen2ForCausalLM", _qwen2_cfg, convert_qwen2_weights))
+register_decoder("qwen2_vl_text", DecoderSpec("Qwen2ForCausalLM", _QWEN2_FIELDS, _qwen2_cfg, qkv_bias=True))
+register_decoder("qwen2_5_vl_text", DecoderSpec("Qwen2ForCausalLM", _QWEN2_FIELDS, _qwen2_cfg, qkv_bias=True))
 
 
 def decoder_spec(text_config: Any) -> DecoderSpec:
@@ -89,41 +155,126 @@ def decoder_spec(text_config: Any) -> DecoderSpec:
     return DECODERS[mt]
 
 
-def build_cfg(text_config: Any, dtype: torch.dtype, device: str | torch.device, **overrides: Any
-              ) -> HookedTransformerConfig:
-    """HookedTransformerConfig for an HF text config (no hub access)."""
+_DEFAULTS: dict[type, dict] = {}
+
+
+def check_text_config(text_config: Any) -> DecoderSpec:
+    """Refuse every HF config field with a non-default value that the family does not convert (names it)."""
     spec = decoder_spec(text_config)
+    cls = type(text_config)
+    if cls not in _DEFAULTS:
+        _DEFAULTS[cls] = cls().to_dict()
+    defaults = _DEFAULTS[cls]
+    for field, value in text_config.to_dict().items():
+        if field in spec.converted or field in IGNORED_FIELDS or field not in defaults:
+            continue  # fields HF does not know are not read by HF's modeling code either
+        if value != defaults[field]:
+            _refuse(text_config, field, value, f"the {text_config.model_type} converter handles "
+                    f"{sorted(spec.converted)}")
+    spec.checks(text_config)
+    return spec
+
+
+def build_cfg(text_config: Any, dtype: torch.dtype, device: str | torch.device, **overrides: Any
+              ) -> tuple[HookedTransformerConfig, RopeSpec]:
+    """``(HookedTransformerConfig, HF rotary spec)`` for an HF text config (no hub access; refuses what it cannot
+    convert exactly)."""
+    spec = check_text_config(text_config)
+    rope = rope_spec(text_config, d_head(text_config))
     d = spec.cfg_fn(text_config)
     d.update(original_architecture=spec.tl_architecture, dtype=dtype, device=str(device), n_devices=1,
              default_prepend_bos=False, tokenizer_prepends_bos=False, init_weights=False)
     d.update(overrides)
-    return HookedTransformerConfig.from_dict(d)
+    return HookedTransformerConfig.from_dict(d), rope
 
 
-def convert_decoder(language_model: nn.Module, lm_head: nn.Module, cfg: HookedTransformerConfig,
-                    text_config: Any) -> dict[str, torch.Tensor]:
-    """TL state dict from an HF decoder body (``embed_tokens``, ``layers``, ``norm``) and its ``lm_head``."""
-    wrapper = SimpleNamespace(model=language_model, lm_head=lm_head)
-    sd = decoder_spec(text_config).convert_fn(wrapper, cfg)
-    return {k: v.detach() for k, v in sd.items()}
+# --------------------------------------------------------------------------------------------------- weights
+def _kv(cfg: HookedTransformerConfig) -> tuple[str, int]:
+    """(name prefix of K/V parameters, number of K/V heads): TL stores GQA K/V as ``_W_K`` … ."""
+    if cfg.n_key_value_heads is not None:
+        return "_", int(cfg.n_key_value_heads)
+    return "", cfg.n_heads
 
 
-def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], exclude_prefix: str = "image_encoder."
-                     ) -> None:
-    """Assert every key and shape: the converted weights cover the model's parameters exactly.
+def llama_layer_weights(layer: nn.Module, i: int, cfg: HookedTransformerConfig
+                        ) -> Iterator[tuple[str, Tensor, str | None]]:
+    """``(TL parameter, tensor, HF weight it comes from or None)`` for decoder layer ``i`` (Llama layout)."""
+    u, n_kv = _kv(cfg)
+    a, m, b = layer.self_attn, layer.mlp, f"blocks.{i}"
+    h = f"layers.{i}"
+    yield f"{b}.ln1.w", layer.input_layernorm.weight, f"{h}.input_layernorm.weight"
+    yield f"{b}.ln2.w", layer.post_attention_layernorm.weight, f"{h}.post_attention_layernorm.weight"
+    for name, proj, n in (("Q", a.q_proj, cfg.n_heads), ("K", a.k_proj, n_kv), ("V", a.v_proj, n_kv)):
+        pre = "" if name == "Q" else u
+        yield f"{b}.attn.{pre}W_{name}", einops.rearrange(proj.weight, "(n h) m -> n m h", n=n), \
+            f"{h}.self_attn.{name.lower()}_proj.weight"
+        if proj.bias is not None:
+            yield f"{b}.attn.{pre}b_{name}", proj.bias.view(n, -1), f"{h}.self_attn.{name.lower()}_proj.bias"
+    yield f"{b}.attn.W_O", einops.rearrange(a.o_proj.weight, "m (n h) -> n h m", n=cfg.n_heads), \
+        f"{h}.self_attn.o_proj.weight"
+    if a.o_proj.bias is not None:
+        yield f"{b}.attn.b_O", a.o_proj.bias, f"{h}.self_attn.o_proj.bias"
+    yield f"{b}.mlp.W_in", m.up_proj.weight.T, f"{h}.mlp.up_proj.weight"
+    yield f"{b}.mlp.W_gate", m.gate_proj.weight.T, f"{h}.mlp.gate_proj.weight"
+    yield f"{b}.mlp.W_out", m.down_proj.weight.T, f"{h}.mlp.down_proj.weight"
 
-    Buffers (rotary tables, masks) and the image encoder's parameters (``exclude_prefix``) are excluded;
-    everything else must match one-to-one.
+
+def hf_decoder_weights(body: nn.Module, lm_head: nn.Module) -> set[str]:
+    """Names of every HF decoder weight (persistent state; ``lm_head.`` prefixed for the head)."""
+    return set(body.state_dict(keep_vars=True)) | {f"lm_head.{k}" for k in lm_head.state_dict(keep_vars=True)}
+
+
+@torch.no_grad()
+def load_decoder(model: nn.Module, body: nn.Module, lm_head: nn.Module, free_source: bool = False,
+                 exclude_prefix: str = "image_encoder.") -> None:
+    """Copy the HF decoder (``embed_tokens``, ``layers``, ``norm``) and ``lm_head`` into ``model``'s parameters.
+
+    Two-sided: every parameter of ``model`` (outside ``exclude_prefix``) gets one tensor of its shape (zero for
+    biases the HF decoder does not have), and every HF weight is used. ``free_source`` drops each HF layer once
+    it is copied (only for an HF model the caller owns). A tied ``lm_head`` becomes a view of ``W_E`` (one copy).
     """
-    expected = {k: v.shape for k, v in model.named_parameters() if not k.startswith(exclude_prefix)}
-    got = {k: tuple(v.shape) for k, v in state_dict.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{k}: model {tuple(expected[k])} vs converted {got[k]}" for k in expected
-             if k in got and tuple(expected[k]) != got[k]]
-    if missing or unexpected or wrong:
+    cfg = model.cfg
+    params = {k: p for k, p in model.named_parameters() if not k.startswith(exclude_prefix)}
+    hf_names = hf_decoder_weights(body, lm_head)
+    used: set[str] = set()
+    filled: set[str] = set()
+
+    def put(name: str, t: Tensor, hf: str | None) -> None:
+        if name not in params:
+            raise WeightConversionError(f"The converter produced {name!r}, which the HookedTransformer does not have.")
+        p = params[name]
+        if tuple(p.shape) != tuple(t.shape):
+            raise WeightConversionError(f"{hf or name}: HF shape {tuple(t.shape)} does not fit {name} "
+                                        f"{tuple(p.shape)}; the config and checkpoint disagree.")
+        p.copy_(t)
+        filled.add(name)
+        if hf is not None:
+            used.add(hf)
+
+    tied = lm_head.weight is body.embed_tokens.weight
+    put("embed.W_E", body.embed_tokens.weight, "embed_tokens.weight")
+    for i in range(len(body.layers)):
+        for name, t, hf in llama_layer_weights(body.layers[i], i, cfg):
+            put(name, t, hf)
+        if free_source:
+            body.layers[i] = nn.Module()  # the HF layer's tensors are released here
+    put("ln_final.w", body.norm.weight, "norm.weight")
+    if tied:  # share W_E's storage instead of a second vocab x d_model copy (untie before editing either)
+        model.unembed.W_U = nn.Parameter(model.embed.W_E.detach().T, requires_grad=params["unembed.W_U"].requires_grad)
+        filled.add("unembed.W_U")
+        used.add("lm_head.weight")
+    else:
+        put("unembed.W_U", lm_head.weight.T, "lm_head.weight")
+    if free_source:
+        body.embed_tokens = body.norm = None
+    for name, p in params.items():  # biases the HF decoder has none of are zero
+        if name not in filled and name.rsplit(".", 1)[-1].startswith(("b_", "_b_")):
+            p.zero_()
+            filled.add(name)
+    missing = sorted(set(params) - filled)
+    unused = sorted(hf_names - used)
+    if missing or unused:
         raise WeightConversionError(
-            "Converted weights do not match the HookedTransformer: "
-            f"missing={missing[:8]}{'…' if len(missing) > 8 else ''} "
-            f"unexpected={unexpected[:8]}{'…' if len(unexpected) > 8 else ''} wrong_shape={wrong[:8]}. "
-            "The HF config and checkpoint disagree, or the decoder type needs its own converter.")
+            f"Weight conversion is not one-to-one: HookedTransformer parameters without an HF weight: {missing[:8]}; "
+            f"HF decoder weights not converted: {unused[:8]}{' …' if len(unused) > 8 else ''}. The config and "
+            "checkpoint disagree, or the decoder has weights this converter does not implement.")

@@ -29,7 +29,8 @@ from .._types import Float, Int
 from ..errors import ImageTokenMismatchError, NumericalError
 from ..prompts import ChatTemplate, MLLMBatch, Segment, build_batch, split_placeholders
 from .base import Adapter
-from .decoders import build_cfg, check_state_dict, convert_decoder
+from .decoders import build_cfg, load_decoder
+from .rope import RopeSpec
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class HookedMLLM(HookedTransformer):
     image_encoder: Adapter
 
     def __init__(self, cfg: Any, image_encoder: Adapter, tokenizer: Any, template: ChatTemplate | None = None,
-                 source: str = "<in-memory>"):
+                 source: str = "<in-memory>", rope: RopeSpec | None = None):
         # The tokenizer is attached by hand: TL's set_tokenizer may re-load it by name from the hub.
         super().__init__(cfg, tokenizer=None, move_to_device=False)
         self.tokenizer = tokenizer
@@ -53,7 +54,7 @@ class HookedMLLM(HookedTransformer):
         self.source = source
         self.pos_offset = 0  # set by every forward: number of KV-cached positions before the input
         self.rope_positions: Tensor | None = None  # M-RoPE positions of the last full prompt (adapter-defined)
-        image_encoder.install(self)
+        image_encoder.install(self, rope)
         self.setup()
 
     # ================================================================== loading
@@ -67,21 +68,33 @@ class HookedMLLM(HookedTransformer):
 
         Weight processing (``fold_ln`` …) is off by default so logits equal HF's; turn it on as in TL.
         """
+        return cls._convert(hf_model, tokenizer, image_processor, dtype=dtype, device=device, template=template,
+                            fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                            center_unembed=center_unembed, fold_value_biases=fold_value_biases, source=source)
+
+    @classmethod
+    def _convert(cls, hf_model: torch.nn.Module, tokenizer: Any, image_processor: Any, *, dtype: torch.dtype | None,
+                 device: str | torch.device | None, template: ChatTemplate | None, fold_ln: bool,
+                 center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool, source: str,
+                 free_source: bool = False) -> "HookedMLLM":
+        """The conversion; ``free_source`` releases each HF decoder layer once copied (loader-owned models)."""
         from .base import adapter_for
 
         adapter_cls = adapter_for(type(hf_model).__name__)
         dtype = dtype or next(hf_model.parameters()).dtype
         device = device or next(hf_model.parameters()).device
         text_cfg = adapter_cls.text_config(hf_model.config)
-        cfg = build_cfg(text_cfg, dtype=dtype, device=device)
-        body, lm_head = adapter_cls.language_model(hf_model)
-        state_dict = convert_decoder(body, lm_head, cfg, text_cfg)
+        cfg, rope = build_cfg(text_cfg, dtype=dtype, device=device)  # refuses what it cannot convert exactly
         adapter = adapter_cls(hf_model, tokenizer, image_processor)
-        model = cls(cfg, adapter, tokenizer, template=template, source=source)
-        check_state_dict(model, state_dict)
-        model.load_and_process_state_dict(
-            state_dict, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-            center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+        model = cls(cfg, adapter, tokenizer, template=template, source=source, rope=rope)
+        body, lm_head = adapter_cls.language_model(hf_model)
+        load_decoder(model, body, lm_head, free_source=free_source)
+        if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
+            if model.unembed.W_U.data_ptr() == model.embed.W_E.data_ptr():  # untie before editing W_U
+                model.unembed.W_U = torch.nn.Parameter(model.unembed.W_U.detach().clone())
+            model.load_and_process_state_dict(
+                model.state_dict(), fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                center_unembed=center_unembed, fold_value_biases=fold_value_biases)
         model.to(torch.device(device), print_details=False)
         model.to(dtype, print_details=False)
         model.eval()
@@ -107,9 +120,14 @@ class HookedMLLM(HookedTransformer):
         hf_model, tokenizer, image_processor, template = load_hf_checkpoint(path, dtype=dtype,
                                                                             allow_pickle=allow_pickle)
         kwargs.setdefault("template", template)
-        model = cls.from_hf(hf_model, tokenizer, image_processor, dtype=dtype, device=device,
-                            source=str(Path(path).resolve()), **kwargs)
-        return model
+        opts = dict(template=None, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                    fold_value_biases=False)
+        unknown = sorted(set(kwargs) - set(opts))
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}; it takes {sorted(opts)}.")
+        opts.update(kwargs)
+        return cls._convert(hf_model, tokenizer, image_processor, dtype=dtype, device=device,
+                            source=str(Path(path).resolve()), free_source=True, **opts)
 
     def move_model_modules_to_device(self) -> None:
         super().move_model_modules_to_device()

@@ -30,6 +30,7 @@ from ..errors import ImageTokenMismatchError
 from ..interventions.core import align_rows
 from ..prompts import ChatTemplate
 from .base import Adapter, register_adapter
+from .rope import RopeSpec, rope_spec
 
 QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
@@ -74,7 +75,7 @@ def mrope_positions(tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor
     return pos
 
 
-def _mrope_apply_rotary(model: nn.Module, inv_freq: Tensor, sections: list[int]):
+def _mrope_apply_rotary(model: nn.Module, inv_freq: Tensor, sections: list[int], rope: RopeSpec):
     """A replacement for TL's ``AbstractAttention.apply_rotary`` that reads ``model.rope_positions``."""
 
     def apply_rotary(self: nn.Module, x: Float[Tensor, "batch pos head d_head"], past_kv_pos_offset: int = 0,
@@ -92,13 +93,16 @@ def _mrope_apply_rotary(model: nn.Module, inv_freq: Tensor, sections: list[int])
                 nxt = p.amax(dim=(0, 2))[None, :, None] + 1 + torch.arange(need, device=p.device)[None, None]
                 p = torch.cat([p, nxt.expand(3, -1, -1)], 2)
             p = p[:, :, past_kv_pos_offset:past_kv_pos_offset + q]
+        if p.numel():
+            rope.check_length(int(p.max()) + 1)  # HF's dynamic-rope length is max(position) + 1
         freqs = p[..., None].to(x.device).float() * inv_freq.to(x.device)  # [3, n, q, d/2]
         f = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(sections, dim=-1))], dim=-1)
         f = torch.cat([f, f], dim=-1)[:, :, None, :]  # [n, q, 1, d_head]
         rd = f.shape[-1]
         x_rot, x_pass = x[..., :rd], x[..., rd:]
         x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2:]
-        rotated = x_rot * f.cos().to(x.dtype) + torch.cat([-x2, x1], -1) * f.sin().to(x.dtype)
+        cos, sin = (f.cos() * rope.attention_scaling).to(x.dtype), (f.sin() * rope.attention_scaling).to(x.dtype)
+        rotated = x_rot * cos + torch.cat([-x2, x1], -1) * sin
         return torch.cat([rotated, x_pass], -1)
 
     return apply_rotary
@@ -125,9 +129,8 @@ class Qwen2VLAdapter(Adapter):
         self.sections = list(rp.get("mrope_section") or [16, 24, 24])  # HF's default
         if sum(self.sections) != d_head // 2:
             raise ImageTokenMismatchError(f"mrope_section {self.sections} must sum to d_head/2 = {d_head // 2}.")
-        theta = float(rp["rope_theta"])
-        self.register_buffer("inv_freq", 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.float) / d_head)),
-                             persistent=False)
+        self.rope = rope_spec(tc, d_head)  # HF's own frequencies for the rope type (refuses what it cannot match)
+        self.register_buffer("inv_freq", self.rope.inv_freq.clone(), persistent=False)
         self.image_processor = image_processor or self.default_image_processor()
 
     def default_image_processor(self) -> Any:
@@ -141,10 +144,10 @@ class Qwen2VLAdapter(Adapter):
                             assistant_prefix="<|im_end|>\n<|im_start|>assistant\n",
                             image_prefix=self.vision_start, image_suffix=self.vision_end)
 
-    def install(self, model: nn.Module) -> None:
+    def install(self, model: nn.Module, rope: RopeSpec | None) -> None:
         for block in model.blocks:
-            block.attn.apply_rotary = types.MethodType(_mrope_apply_rotary(model, self.inv_freq, self.sections),
-                                                       block.attn)
+            block.attn.apply_rotary = types.MethodType(_mrope_apply_rotary(model, self.inv_freq, self.sections,
+                                                                           self.rope), block.attn)
 
     def process_images(self, images: list[Any]) -> tuple[dict[str, Any], list[int]]:
         if any(isinstance(im, Tensor) for im in images):
