@@ -152,8 +152,12 @@ def load_model(args: argparse.Namespace, run: Run | None = None) -> Any:
         hint = " (the shipped toy model; train one with `modality-circuits train-toy --out DIR`)" \
             if path == DEFAULT_MODEL else ""
         raise FileNotFoundError(f"--model: model directory not found: {path}{hint}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModalityCircuitsError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu.")
+    from ..models.loading import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ModalityCircuitsError as e:
+        raise ModalityCircuitsError(f"--device {args.device}: {e}") from None
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if getattr(args, "quiet", False):

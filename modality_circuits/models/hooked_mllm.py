@@ -113,10 +113,9 @@ class HookedMLLM(HookedTransformer):
             allow_pickle: load a pickle ``.bin`` checkpoint (unsafe: it can run code) if no safetensors exist.
             **kwargs: forwarded to :meth:`from_hf` (``fold_ln``, ``template`` …).
         """
-        from .loading import load_hf_checkpoint
+        from .loading import load_hf_checkpoint, resolve_device, resolve_dtype
 
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        dtype, device = resolve_dtype(dtype), resolve_device(device)
         hf_model, tokenizer, image_processor, template = load_hf_checkpoint(path, dtype=dtype,
                                                                             allow_pickle=allow_pickle)
         kwargs.setdefault("template", template)

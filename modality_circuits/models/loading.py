@@ -35,7 +35,7 @@ def _check_dir(path: Path, allow_pickle: bool) -> dict:
     if not cfg_file.exists():
         raise CheckpointError(f"No config.json in {str(path)!r}. Is this an HF checkpoint folder "
                               "(save_pretrained output)?")
-    config = json.loads(cfg_file.read_text())
+    config = read_json(cfg_file, "the model config")
     arch = (config.get("architectures") or [None])[0]
     if arch is None:
         raise CheckpointError(f"{cfg_file} has no 'architectures' entry; add e.g. "
@@ -53,7 +53,64 @@ def _check_dir(path: Path, allow_pickle: bool) -> dict:
     if not ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()):
         raise CheckpointError(f"No tokenizer files (tokenizer.json / tokenizer_config.json) in {str(path)!r}; "
                               "save the tokenizer next to the model (tokenizer.save_pretrained(dir)).")
+    slow_files = ("tokenizer.model", "vocab.json", "spiece.model")
+    if not (path / "tokenizer.json").exists() and not any((path / f).exists() for f in slow_files):
+        raise CheckpointError(f"{str(path)!r} has tokenizer_config.json but no tokenizer file (tokenizer.json, or "
+                              f"one of {list(slow_files)}); copy the tokenizer files from the original checkpoint.")
+    for f in sorted(path.glob("*.safetensors")):
+        check_safetensors(f)
     return config
+
+
+def read_json(file: Path, what: str) -> Any:
+    """Parse a JSON file; a syntax error names the file, line and column."""
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} ({what}) is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. "
+                              "Fix or re-save the file.") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file} ({what}) is not a UTF-8 text file.") from None
+
+
+def check_safetensors(file: Path) -> None:
+    """Open a safetensors file's header (a truncated or corrupted file is refused by name)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own SafetensorError (no public class to catch)
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it is probably truncated or "
+                              "corrupted. Download or save it again.") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here (clear error for a typo or a missing accelerator)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"Unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"Device {device!r} was asked for but CUDA is not available here; use 'cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CheckpointError(f"Device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                                  "CUDA device(s).")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CheckpointError(f"Device {device!r} was asked for but MPS is not available here; use 'cpu'.")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise CheckpointError(f"Device type {dev.type!r} is not supported; use 'cpu', 'cuda' or 'mps'.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``torch.float32`` / ``"bfloat16"`` / … -> a floating torch dtype (clear error otherwise)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if dtype in ("float32", "float16", "bfloat16", "float64") else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"dtype must be one of float32, bfloat16, float16, float64; got {dtype!r}.")
+    return dtype
 
 
 def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False
@@ -67,25 +124,59 @@ def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, all
     arch = config["architectures"][0]
     hf_cls = getattr(transformers, arch)
     use_st = bool(list(path.glob("*.safetensors")))
-    hf_model = hf_cls.from_pretrained(path, dtype=dtype, attn_implementation="eager", local_files_only=True,
-                                      use_safetensors=use_st)
+    try:
+        hf_model, info = hf_cls.from_pretrained(path, dtype=dtype, attn_implementation="eager", local_files_only=True,
+                                                use_safetensors=use_st, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"transformers could not load {str(path)!r}: {e}") from None
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems or info.get("error_msgs"):
+        detail = "; ".join(f"{k} ({len(v)}): {[str(x) for x in v[:4]]}{' …' if len(v) > 4 else ''}"
+                           for k, v in problems.items())
+        raise CheckpointError(
+            f"config.json and the weights in {str(path)!r} disagree: {detail or info.get('error_msgs')}. "
+            "(HF would initialise missing weights randomly or drop unexpected ones.) Check num_hidden_layers and "
+            "the other sizes in config.json against the checkpoint.")
     hf_model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"The tokenizer in {str(path)!r} could not be loaded: {e}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise CheckpointError(f"The tokenizer in {str(path)!r} is not a fast tokenizer (token offsets are needed for "
+                              "spans); save it with tokenizer.json (AutoTokenizer(..., use_fast=True).save_pretrained).")
     image_processor = None
     if (path / "preprocessor_config.json").exists():
         image_processor = load_image_processor(path)
     template = None
     if (path / TEMPLATE_FILE).exists():
-        template = ChatTemplate(**json.loads((path / TEMPLATE_FILE).read_text()))
+        template = read_template(path / TEMPLATE_FILE)
     logger.info("loaded %s from %s", arch, path)
     return hf_model, tokenizer, image_processor, template
+
+
+def read_template(file: Path) -> ChatTemplate:
+    """A :class:`ChatTemplate` from JSON (unknown or non-string fields are named in the error)."""
+    import dataclasses
+
+    data = read_json(file, "the prompt layout")
+    fields = {f.name for f in dataclasses.fields(ChatTemplate)}
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object with fields {sorted(fields)}; got {type(data).__name__}.")
+    unknown = sorted(set(data) - fields)
+    bad = sorted(k for k, v in data.items() if k in fields and not isinstance(v, str))
+    if unknown or bad:
+        raise CheckpointError(f"{file}: unknown fields {unknown}, non-string fields {bad}; the fields are "
+                              f"{sorted(fields)} (all strings).")
+    return ChatTemplate(**data)
 
 
 def load_image_processor(path: Path) -> Any:
     """The Pil image processor named in ``preprocessor_config.json`` (never a torchvision one)."""
     import transformers
 
-    pc = json.loads((path / "preprocessor_config.json").read_text())
+    pc = read_json(path / "preprocessor_config.json", "the image processor config")
     name = pc.get("image_processor_type", "CLIPImageProcessor").replace("Fast", "")
     pil_name = name if name.endswith("Pil") else name + "Pil"
     cls = getattr(transformers, pil_name, None)
