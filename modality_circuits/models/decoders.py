@@ -10,8 +10,9 @@ change the decoder's computation, each with the reason). Rotary embeddings come 
 Weights are mapped by :func:`llama_layer_weights` one HF tensor at a time, with **two-sided accounting**:
 :func:`load_decoder` asserts that every HookedTransformer parameter gets exactly one tensor of its shape and
 that every HF decoder weight was used (else :class:`~modality_circuits.errors.WeightConversionError` lists them).
-It copies layer by layer into the model and, when the HF model is owned by the loader, frees each HF layer as
-soon as it is converted, so loading peaks near one copy of the weights.
+The parameters are views in HF's memory layout (no per-forward weight copies in TransformerLens's linear
+layers); when the HF model is owned by the loader they are the loaded tensors themselves and each HF layer is
+dropped once converted, so loading peaks near one copy of the weights.
 """
 
 from __future__ import annotations
@@ -227,11 +228,18 @@ def hf_decoder_weights(body: nn.Module, lm_head: nn.Module) -> set[str]:
 @torch.no_grad()
 def load_decoder(model: nn.Module, body: nn.Module, lm_head: nn.Module, free_source: bool = False,
                  exclude_prefix: str = "image_encoder.") -> None:
-    """Copy the HF decoder (``embed_tokens``, ``layers``, ``norm``) and ``lm_head`` into ``model``'s parameters.
+    """Make ``model``'s decoder parameters the HF decoder's (``embed_tokens``, ``layers``, ``norm``, ``lm_head``).
+
+    Each TransformerLens parameter becomes a rearranged *view* of an HF-layout tensor (``W_Q = q_proj.weight``
+    viewed as ``[n_heads, d_model, d_head]`` …), so TransformerLens's own ``rearrange(... -> (n h) m)`` +
+    ``F.linear`` in the forward read contiguous memory instead of copying every weight on every call.
+    ``free_source=False`` (an HF model the caller keeps): the HF tensors are cloned first (in their layout), so
+    edits to one model never reach the other. ``free_source=True`` (an HF model the loader owns): the HF tensors
+    are used as they are (no second copy; memory-mapped checkpoint pages are shared) and each HF layer is dropped
+    once converted. A tied ``lm_head`` is a view of ``W_E`` (one copy).
 
     Two-sided: every parameter of ``model`` (outside ``exclude_prefix``) gets one tensor of its shape (zero for
-    biases the HF decoder does not have), and every HF weight is used. ``free_source`` drops each HF layer once
-    it is copied (only for an HF model the caller owns). A tied ``lm_head`` becomes a view of ``W_E`` (one copy).
+    biases the HF decoder does not have), and every HF weight is used.
     """
     cfg = model.cfg
     params = {k: p for k, p in model.named_parameters() if not k.startswith(exclude_prefix)}
@@ -246,7 +254,13 @@ def load_decoder(model: nn.Module, body: nn.Module, lm_head: nn.Module, free_sou
         if tuple(p.shape) != tuple(t.shape):
             raise WeightConversionError(f"{hf or name}: HF shape {tuple(t.shape)} does not fit {name} "
                                         f"{tuple(p.shape)}; the config and checkpoint disagree.")
-        p.copy_(t)
+        t = t.detach()
+        if t.dtype != p.dtype or t.device != p.device:
+            t = t.to(device=p.device, dtype=p.dtype)  # a new tensor; strides (HF layout) preserved
+        elif not free_source:
+            t = t.clone()  # preserve_format: the HF layout, in memory of our own
+        mod_name, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(mod_name), attr, nn.Parameter(t, requires_grad=p.requires_grad))
         filled.add(name)
         if hf is not None:
             used.add(hf)
@@ -257,10 +271,10 @@ def load_decoder(model: nn.Module, body: nn.Module, lm_head: nn.Module, free_sou
         for name, t, hf in llama_layer_weights(body.layers[i], i, cfg):
             put(name, t, hf)
         if free_source:
-            body.layers[i] = nn.Module()  # the HF layer's tensors are released here
+            body.layers[i] = nn.Module()  # drop the HF layer (its tensors live on only as our views)
     put("ln_final.w", body.norm.weight, "norm.weight")
     if tied:  # share W_E's storage instead of a second vocab x d_model copy (untie before editing either)
-        model.unembed.W_U = nn.Parameter(model.embed.W_E.detach().T, requires_grad=params["unembed.W_U"].requires_grad)
+        model.unembed.W_U = nn.Parameter(model.embed.W_E.T, requires_grad=params["unembed.W_U"].requires_grad)
         filled.add("unembed.W_U")
         used.add("lm_head.weight")
     else:

@@ -110,3 +110,28 @@ def test_bfloat16_loads_directly_in_bfloat16(folder):
     model = HookedMLLM.from_pretrained(folder[0], dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.cfg.dtype == torch.bfloat16
+
+
+def test_in_place_edits_never_reach_the_checkpoint_file(folder):
+    """from_pretrained's parameters share the loaded (memory-mapped) tensors: editing them is private."""
+    import hashlib
+
+    path = folder[0] / "model.safetensors"
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = HookedMLLM.from_pretrained(folder[0])
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q.add_(1.0)
+        model.blocks[1].mlp.W_in.mul_(0.0)
+    assert float(model.blocks[1].mlp.W_in.abs().sum()) == 0
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_from_hf_does_not_alias_the_callers_model(folder):
+    _, hf = folder
+    model = HookedMLLM.from_hf(hf, HookedMLLM.from_pretrained(folder[0]).tokenizer)
+    q = hf.model.language_model.layers[0].self_attn.q_proj.weight
+    before = q.clone()
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q.add_(1.0)
+    assert torch.equal(q, before)
+    assert model.blocks[0].attn.W_Q.untyped_storage().data_ptr() != q.untyped_storage().data_ptr()
