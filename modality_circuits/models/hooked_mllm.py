@@ -27,9 +27,11 @@ from transformer_lens.hook_points import HookPoint
 
 from .._types import Float, Int
 from ..errors import ImageTokenMismatchError, NumericalError
+from ..chat_template import HFChatTemplate, checkpoint_template
 from ..prompts import ChatTemplate, MLLMBatch, Segment, build_batch, split_placeholders
 from .base import Adapter
 from .decoders import build_cfg, load_decoder
+from .devices import check_n_devices, placement
 from .rope import RopeSpec
 
 logger = logging.getLogger(__name__)
@@ -42,15 +44,16 @@ class HookedMLLM(HookedTransformer):
 
     image_encoder: Adapter
 
-    def __init__(self, cfg: Any, image_encoder: Adapter, tokenizer: Any, template: ChatTemplate | None = None,
-                 source: str = "<in-memory>", rope: RopeSpec | None = None):
+    def __init__(self, cfg: Any, image_encoder: Adapter, tokenizer: Any,
+                 template: ChatTemplate | HFChatTemplate | None = None, source: str = "<in-memory>", rope: RopeSpec | None = None):
         # The tokenizer is attached by hand: TL's set_tokenizer may re-load it by name from the hub.
         super().__init__(cfg, tokenizer=None, move_to_device=False)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.image_encoder = image_encoder
         self.hook_image_embeds = HookPoint()  # [img_tok, d_model]
-        self.template = template or image_encoder.default_template()
+        fallback = image_encoder.default_template()  # hand-written layout: only for tokenizers without a template
+        self.template = template or checkpoint_template(tokenizer, image_encoder.image_token, fallback.sep) or fallback
         self.source = source
         self.pos_offset = 0  # set by every forward: number of KV-cached positions before the input
         self.rope_positions: Tensor | None = None  # M-RoPE positions of the last full prompt (adapter-defined)
@@ -63,20 +66,23 @@ class HookedMLLM(HookedTransformer):
                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                 template: ChatTemplate | None = None, fold_ln: bool = False, center_writing_weights: bool = False,
                 center_unembed: bool = False, fold_value_biases: bool = False, source: str = "<in-memory>",
-                ) -> "HookedMLLM":
+                n_devices: int = 1) -> "HookedMLLM":
         """Convert an in-memory HF MLLM. The HF decoder's weights are copied; the vision parts are shared.
 
         Weight processing (``fold_ln`` …) is off by default so logits equal HF's; turn it on as in TL.
+        ``n_devices > 1`` splits the blocks over ``cuda:0 … cuda:n-1`` as TransformerLens does
+        (:func:`~modality_circuits.models.devices.placement`); the vision tower sits with the first block.
         """
         return cls._convert(hf_model, tokenizer, image_processor, dtype=dtype, device=device, template=template,
                             fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                            center_unembed=center_unembed, fold_value_biases=fold_value_biases, source=source)
+                            center_unembed=center_unembed, fold_value_biases=fold_value_biases, source=source,
+                            n_devices=n_devices)
 
     @classmethod
     def _convert(cls, hf_model: torch.nn.Module, tokenizer: Any, image_processor: Any, *, dtype: torch.dtype | None,
                  device: str | torch.device | None, template: ChatTemplate | None, fold_ln: bool,
                  center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool, source: str,
-                 free_source: bool = False) -> "HookedMLLM":
+                 free_source: bool = False, n_devices: int = 1) -> "HookedMLLM":
         """The conversion; ``free_source`` releases each HF decoder layer once copied (loader-owned models)."""
         from .base import adapter_for
 
@@ -84,7 +90,8 @@ class HookedMLLM(HookedTransformer):
         dtype = dtype or next(hf_model.parameters()).dtype
         device = device or next(hf_model.parameters()).device
         text_cfg = adapter_cls.text_config(hf_model.config)
-        cfg, rope = build_cfg(text_cfg, dtype=dtype, device=device)  # refuses what it cannot convert exactly
+        check_n_devices(device, n_devices)
+        cfg, rope = build_cfg(text_cfg, dtype=dtype, device=device, n_devices=n_devices)  # exact, or refused
         adapter = adapter_cls(hf_model, tokenizer, image_processor)
         model = cls(cfg, adapter, tokenizer, template=template, source=source, rope=rope)
         body, lm_head = adapter_cls.language_model(hf_model)
@@ -95,8 +102,11 @@ class HookedMLLM(HookedTransformer):
             model.load_and_process_state_dict(
                 model.state_dict(), fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                 center_unembed=center_unembed, fold_value_biases=fold_value_biases)
-        model.to(torch.device(device), print_details=False)
         model.to(dtype, print_details=False)
+        if n_devices > 1:
+            model.move_model_modules_to_device()
+        else:
+            model.to(torch.device(device), print_details=False)
         model.eval()
         return model
 
@@ -120,7 +130,7 @@ class HookedMLLM(HookedTransformer):
                                                                             allow_pickle=allow_pickle)
         kwargs.setdefault("template", template)
         opts = dict(template=None, fold_ln=False, center_writing_weights=False, center_unembed=False,
-                    fold_value_biases=False)
+                    fold_value_biases=False, n_devices=1)
         unknown = sorted(set(kwargs) - set(opts))
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}; it takes {sorted(opts)}.")
@@ -129,13 +139,15 @@ class HookedMLLM(HookedTransformer):
                             source=str(Path(path).resolve()), free_source=True, **opts)
 
     def move_model_modules_to_device(self) -> None:
-        super().move_model_modules_to_device()
-        if hasattr(self, "image_encoder"):
-            self.image_encoder.to(self.cfg.device)
+        """Place every part by :func:`~modality_circuits.models.devices.placement` (the block split the forward
+        moves activations by; TransformerLens's own method picks devices by free memory instead)."""
+        for name, dev in placement(self.cfg).items():
+            if name != "image_encoder" or hasattr(self, "image_encoder"):
+                self.get_submodule(name).to(dev)
 
     # ================================================================== prompts
     def prepare(self, prompts: Sequence[Any], images: Sequence[Sequence[ImageLike]] | None = None,
-                template: ChatTemplate | None = None) -> MLLMBatch:
+                template: ChatTemplate | HFChatTemplate | None = None) -> MLLMBatch:
         """Build a batch with spans from samples, segment lists, or plain prompts.
 
         Args:

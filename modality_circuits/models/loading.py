@@ -143,6 +143,12 @@ def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, all
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"The tokenizer in {str(path)!r} could not be loaded: {e}") from None
+    if not getattr(tokenizer, "chat_template", None):  # processors keep the template next to the tokenizer
+        if (path / "chat_template.jinja").exists():
+            tokenizer.chat_template = (path / "chat_template.jinja").read_text()
+        elif (path / "chat_template.json").exists():
+            tmpl = read_json(path / "chat_template.json", "the processor's chat template")
+            tokenizer.chat_template = tmpl.get("chat_template") if isinstance(tmpl, dict) else None
     if not getattr(tokenizer, "is_fast", False):
         raise CheckpointError(f"The tokenizer in {str(path)!r} is not a fast tokenizer (token offsets are needed for "
                               "spans); save it with tokenizer.json (AutoTokenizer(..., use_fast=True).save_pretrained).")
