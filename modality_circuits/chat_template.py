@@ -108,12 +108,13 @@ class HFChatTemplate:
         out.extend(self._glue(text[pos:], images, out))
         want = [k for k, s in enumerate(segments) if not s.is_image]
         if seen != want or images:
-            raise SpanError(f"The chat template rendered text segments {seen} of {want} and left {len(images)} image(s) "
-                            "without a placeholder; it does not render typed user content in order. Use a "
+            raise SpanError(f"The chat template rendered text segments {seen} of {want} and left {len(images)} "
+                            "image(s) without a placeholder; it does not render typed user content in order. Use a "
                             "prompt_template.json layout for this checkpoint.")
         if sysinfo and out and out[0].name == "template" and out[0].text.startswith(sysinfo[0] + sysinfo[1]):
             head = out.pop(0).text
-            pieces = [("template", sysinfo[0]), ("system", sysinfo[1]), ("template", head[len(sysinfo[0] + sysinfo[1]):])]
+            before, system = sysinfo[0], sysinfo[1]
+            pieces = [("template", before), ("system", system), ("template", head[len(before + system):])]
             out[:0] = [Segment(n, t) for n, t in pieces if t]
         return out
 

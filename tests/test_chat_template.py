@@ -39,10 +39,11 @@ QWEN_VL = (
 
 TEXTS = ["Text context: the shape is red.", "you must rely on the image.", "What is the color?"]
 EXPECTED = {
-    "llava": "USER: <image>\nText context: the shape is red.\nyou must rely on the image.\nWhat is the color? ASSISTANT:",
+    "llava": ("USER: <image>\nText context: the shape is red.\nyou must rely on the image.\n"
+              "What is the color? ASSISTANT:"),
     "qwen2": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-              "<|vision_start|><|image_pad|><|vision_end|>Text context: the shape is red.\nyou must rely on the image.\n"
-              "What is the color?<|im_end|>\n<|im_start|>assistant\n"),
+              "<|vision_start|><|image_pad|><|vision_end|>Text context: the shape is red.\n"
+              "you must rely on the image.\nWhat is the color?<|im_end|>\n<|im_start|>assistant\n"),
 }
 EXPECTED["qwen2.5"] = EXPECTED["qwen2"]
 

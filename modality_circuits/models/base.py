@@ -9,7 +9,10 @@ positions, and (4) the default chat layout. One file per architecture registers 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import numpy as np
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +23,20 @@ from ..prompts import ChatTemplate
 from .rope import RopeSpec, install_hf_rotary
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """How one image's tokens lie on its patch grid: ``rows × cols`` tokens in row-major order (after a CLS token
+    when ``has_cls``)."""
+
+    rows: int
+    cols: int
+    has_cls: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return self.rows * self.cols + int(self.has_cls)
 
 
 def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
@@ -70,6 +87,22 @@ class Adapter(nn.Module):
 
     def default_template(self) -> ChatTemplate:
         return ChatTemplate()
+
+    def image_grid(self, model_inputs: dict[str, Any], k: int) -> ImageGrid:
+        """The patch grid of the ``k``-th image of a batch's encoder inputs (for attention-over-image views)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its image grid.")
+
+    def image_pixels(self, model_inputs: dict[str, Any], k: int) -> np.ndarray | None:
+        """The ``k``-th image as the encoder saw it, ``uint8 [height, width, 3]`` (None if it cannot be shown)."""
+        return None
+
+    def _denormalize(self, pv: Tensor) -> np.ndarray:
+        """Normalised pixels ``[3, H, W]`` -> ``uint8 [H, W, 3]`` with the image processor's mean/std."""
+        proc = getattr(self, "image_processor", None)
+        mean = np.asarray(getattr(proc, "image_mean", None) or [0.5, 0.5, 0.5], dtype=np.float32)
+        std = np.asarray(getattr(proc, "image_std", None) or [0.5, 0.5, 0.5], dtype=np.float32)
+        x = pv.detach().float().cpu().numpy().transpose(1, 2, 0) * std + mean
+        return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
     # ---------------------------------------------------------------- positions
     def install(self, model: nn.Module, rope: RopeSpec | None) -> None:

@@ -45,7 +45,8 @@ class HookedMLLM(HookedTransformer):
     image_encoder: Adapter
 
     def __init__(self, cfg: Any, image_encoder: Adapter, tokenizer: Any,
-                 template: ChatTemplate | HFChatTemplate | None = None, source: str = "<in-memory>", rope: RopeSpec | None = None):
+                 template: ChatTemplate | HFChatTemplate | None = None, source: str = "<in-memory>",
+                 rope: RopeSpec | None = None):
         # The tokenizer is attached by hand: TL's set_tokenizer may re-load it by name from the hub.
         super().__init__(cfg, tokenizer=None, move_to_device=False)
         self.tokenizer = tokenizer

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .._types import Float
 from ..errors import ImageTokenMismatchError
 from ..prompts import ChatTemplate
-from .base import Adapter, register_adapter
+from .base import Adapter, ImageGrid, register_adapter
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -55,6 +55,13 @@ class LlavaAdapter(Adapter):
     def default_template(self) -> ChatTemplate:
         return ChatTemplate(system=LLAVA_SYSTEM, user_prefix="USER: ", sep="\n", image_sep="\n",
                             assistant_prefix=" ASSISTANT:")
+
+    def image_grid(self, model_inputs: dict[str, Any], k: int) -> ImageGrid:
+        side = self.image_size // self.patch_size
+        return ImageGrid(side, side, has_cls=self.vision_feature_select_strategy == "full")
+
+    def image_pixels(self, model_inputs: dict[str, Any], k: int) -> Any:
+        return self._denormalize(model_inputs["pixel_values"][k])
 
     def process_images(self, images: list[Any]) -> tuple[dict[str, Any], list[int]]:
         tensors = [im for im in images if isinstance(im, Tensor)]

@@ -151,7 +151,8 @@ def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, all
             tokenizer.chat_template = tmpl.get("chat_template") if isinstance(tmpl, dict) else None
     if not getattr(tokenizer, "is_fast", False):
         raise CheckpointError(f"The tokenizer in {str(path)!r} is not a fast tokenizer (token offsets are needed for "
-                              "spans); save it with tokenizer.json (AutoTokenizer(..., use_fast=True).save_pretrained).")
+                              "spans); save it with tokenizer.json "
+                              "(AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(dir)).")
     image_processor = None
     if (path / "preprocessor_config.json").exists():
         image_processor = load_image_processor(path)
@@ -169,7 +170,8 @@ def read_template(file: Path) -> ChatTemplate:
     data = read_json(file, "the prompt layout")
     fields = {f.name for f in dataclasses.fields(ChatTemplate)}
     if not isinstance(data, dict):
-        raise CheckpointError(f"{file} must hold a JSON object with fields {sorted(fields)}; got {type(data).__name__}.")
+        raise CheckpointError(f"{file} must hold a JSON object with fields {sorted(fields)}; "
+                              f"got {type(data).__name__}.")
     unknown = sorted(set(data) - fields)
     bad = sorted(k for k, v in data.items() if k in fields and not isinstance(v, str))
     if unknown or bad:

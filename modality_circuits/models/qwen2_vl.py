@@ -29,7 +29,7 @@ from .._types import Float, Int
 from ..errors import ImageTokenMismatchError
 from ..interventions.core import align_rows
 from ..prompts import ChatTemplate
-from .base import Adapter, register_adapter
+from .base import Adapter, ImageGrid, register_adapter
 from .rope import RopeSpec, rope_spec
 
 QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -148,6 +148,20 @@ class Qwen2VLAdapter(Adapter):
         for block in model.blocks:
             block.attn.apply_rotary = types.MethodType(_mrope_apply_rotary(model, self.inv_freq, self.sections,
                                                                            self.rope), block.attn)
+
+    def image_grid(self, model_inputs: dict[str, Any], k: int) -> ImageGrid:
+        t, h, w = (int(x) for x in model_inputs["image_grid_thw"][k])
+        if t != 1:
+            raise ImageTokenMismatchError(f"Image {k} has {t} temporal patches; grids are shown for still images only.")
+        return ImageGrid(h // self.merge, w // self.merge)
+
+    def image_pixels(self, model_inputs: dict[str, Any], k: int) -> Any:
+        """Undo the processor's patch flattening: ``[t·h·w, C·T·p·p]`` in merge-block order -> ``[C, h·p, w·p]``."""
+        t, h, w = (int(x) for x in model_inputs["image_grid_thw"][k])
+        p, m, T = self.patch_size, self.merge, self.temporal_patch_size
+        x = model_inputs["pixel_values"][k].reshape(t, h // m, w // m, m, m, -1, T, p, p)  # C is the free axis
+        x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t, T, -1, h * p, w * p)  # [t, T, C, H, W]
+        return self._denormalize(x[0, 0])
 
     def process_images(self, images: list[Any]) -> tuple[dict[str, Any], list[int]]:
         if any(isinstance(im, Tensor) for im in images):

@@ -82,14 +82,6 @@ class ImageAttention:
         return ImageAttention(**{**d, "grid": np.asarray(d["grid"], dtype=float), "image": img})
 
 
-def _pixels_to_image(pv: torch.Tensor, processor: Any) -> np.ndarray:
-    """Normalized pixel tensor ``[3, H, W]`` -> uint8 ``[H, W, 3]`` using the processor's mean/std."""
-    mean = np.asarray(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5], dtype=np.float32)
-    std = np.asarray(getattr(processor, "image_std", None) or [0.5, 0.5, 0.5], dtype=np.float32)
-    x = pv.detach().float().cpu().numpy().transpose(1, 2, 0) * std + mean
-    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
-
-
 @torch.no_grad()
 def image_attention_maps(model: Any, batch: Any, i: int = 0, specs: Sequence[Spec] = (("last", None, None),),
                          image_index: int = 0) -> list[ImageAttention]:
@@ -106,12 +98,12 @@ def image_attention_maps(model: Any, batch: Any, i: int = 0, specs: Sequence[Spe
     if group not in one.spans or not bool(one.spans.mask(group, allow_empty=True)[0].any()):
         raise ModalityCircuitsError(f"Sample {i} has no image {image_index} (groups: {one.spans.names}).")
     kpos = one.spans.positions(group, 0).cpu()
-    side = int(enc.image_size) // int(enc.patch_size)
-    has_cls = getattr(enc, "vision_feature_select_strategy", "default") == "full"
-    if len(kpos) != side * side + int(has_cls):
+    grid_spec = enc.image_grid(one.model_inputs, image_index)  # the sample's k-th image is the k-th of `one`
+    has_cls = grid_spec.has_cls
+    if len(kpos) != grid_spec.n_tokens:
         raise ModalityCircuitsError(
-            f"Image {image_index} has {len(kpos)} tokens, expected a {side}×{side} patch grid"
-            f"{' + CLS' if has_cls else ''}; attention over the image needs a square patch grid (LLaVA).")
+            f"Image {image_index} has {len(kpos)} tokens, but its {grid_spec.rows}×{grid_spec.cols} patch grid"
+            f"{' + CLS' if has_cls else ''} has {grid_spec.n_tokens}.")
     qpos: dict[str | int, list[int]] = {}
     T = one.seq_len
     for q, _, _ in specs:
@@ -138,9 +130,9 @@ def image_attention_maps(model: Any, batch: Any, i: int = 0, specs: Sequence[Spe
 
     with model.hooks(fwd_hooks=[(f"blocks.{lyr}.attn.hook_pattern", keep) for lyr in layers]):
         model(one, return_type=None)
-    pv = one.model_inputs.get("pixel_values")
-    image = _pixels_to_image(pv[image_index], getattr(enc, "image_processor", None)) if pv is not None else \
-        np.zeros((enc.image_size, enc.image_size, 3), dtype=np.uint8)
+    image = enc.image_pixels(one.model_inputs, image_index)
+    if image is None:
+        image = np.zeros((grid_spec.rows, grid_spec.cols, 3), dtype=np.uint8)
     sample = one.samples[0] if one.samples is not None else None
     out = []
     for q, layer, head in specs:
@@ -152,7 +144,7 @@ def image_attention_maps(model: Any, batch: Any, i: int = 0, specs: Sequence[Spe
         a = a.mean(1) if head is None else a[:, int(head)]
         a = a.mean(0).numpy()  # [nimg]
         cls = float(a[0]) if has_cls else 0.0
-        grid = a[int(has_cls):].reshape(side, side)
+        grid = a[int(has_cls):].reshape(grid_spec.rows, grid_spec.cols)
         out.append(ImageAttention(grid=grid, image=image, query=q, layer=None if layer is None else int(layer),
                                   head=None if head is None else int(head), sample_id=getattr(sample, "id", str(i)),
                                   condition=getattr(sample, "follow", None), mass=float(grid.sum()), cls_mass=cls))
