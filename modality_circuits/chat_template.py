@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Sequence
 
 from .errors import SpanError
@@ -71,6 +72,9 @@ class HFChatTemplate:
 
     def default_system(self) -> tuple[str, str, str] | None:
         """``(before, system text, after)`` of the template's default system prompt, or None if it has none."""
+        return _default_system(self.template, tuple(sorted(self.special_tokens.items())))
+
+    def _probe_system(self) -> tuple[str, str, str] | None:
         user = [{"role": "user", "content": [{"type": "text", "text": _mark(0, "")}]}]
         try:
             plain = self._render(user)
@@ -137,6 +141,12 @@ class HFChatTemplate:
     def text(self, segments: Sequence[Any]) -> str:
         """The prompt as ``apply_chat_template`` renders it (image placeholders not expanded)."""
         return self._render(self.messages(segments))
+
+
+@lru_cache(maxsize=32)
+def _default_system(template: str, specials: tuple[tuple[str, str], ...]) -> tuple[str, str, str] | None:
+    """Cached per template: it is rendered twice to find its default system prompt."""
+    return HFChatTemplate(template, "", special_tokens=dict(specials))._probe_system()
 
 
 def checkpoint_template(tokenizer: Any, image_placeholder: str, sep: str) -> HFChatTemplate | None:
