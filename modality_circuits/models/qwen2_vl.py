@@ -30,7 +30,7 @@ from ..errors import ImageTokenMismatchError
 from ..interventions.core import align_rows
 from ..prompts import ChatTemplate
 from .base import Adapter, ImageGrid, register_adapter
-from .rope import RopeSpec, rope_spec
+from .rope import RopeSpec
 
 QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
@@ -129,8 +129,6 @@ class Qwen2VLAdapter(Adapter):
         self.sections = list(rp.get("mrope_section") or [16, 24, 24])  # HF's default
         if sum(self.sections) != d_head // 2:
             raise ImageTokenMismatchError(f"mrope_section {self.sections} must sum to d_head/2 = {d_head // 2}.")
-        self.rope = rope_spec(tc, d_head)  # HF's own frequencies for the rope type (refuses what it cannot match)
-        self.register_buffer("inv_freq", self.rope.inv_freq.clone(), persistent=False)
         self.image_processor = image_processor or self.default_image_processor()
 
     def default_image_processor(self) -> Any:
@@ -145,6 +143,11 @@ class Qwen2VLAdapter(Adapter):
                             image_prefix=self.vision_start, image_suffix=self.vision_end)
 
     def install(self, model: nn.Module, rope: RopeSpec | None) -> None:
+        """M-RoPE with HF's frequencies for the rope type (``rope``, from the text config by ``build_cfg``)."""
+        if rope is None:
+            raise ImageTokenMismatchError("Qwen-VL's multimodal rotary embedding needs the text config's rope spec.")
+        self.rope = rope
+        self.register_buffer("inv_freq", rope.inv_freq.clone(), persistent=False)
         for block in model.blocks:
             block.attn.apply_rotary = types.MethodType(_mrope_apply_rotary(model, self.inv_freq, self.sections,
                                                                            self.rope), block.attn)
