@@ -44,11 +44,11 @@ from transformer_lens import ActivationCache, patching  # noqa: E402
 
 from modality_circuits import HookedMLLM, MLLMBatch  # noqa: E402
 from modality_circuits.data.synthetic import synthetic  # noqa: E402
-from modality_circuits.toy.model import load_or_init_toy  # noqa: E402
 from modality_circuits.interventions.heads import head_scale_hooks  # noqa: E402
 from modality_circuits.lens import _answer_dirs  # noqa: E402
 from modality_circuits.metrics import following_scores, relative_change  # noqa: E402
 from modality_circuits.sweeps.heads import ablation_scan_batch, attribution_batch  # noqa: E402
+from modality_circuits.toy.model import load_or_init_toy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def main() -> None:
         return out.view(L, H)
 
     def ours(positions, first_token=True):
-        return ablation_scan_batch(model, batch, "zero", positions, method="cached", first_token=first_token)
+        return ablation_scan_batch(model, batch, "zero", positions, first_token=first_token)
 
     def per_head_full_answers():
         base = following_scores(model, batch).p_binary

@@ -14,9 +14,10 @@ same messages; a template that drops, reorders or rewrites a segment is refused.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import SpanError
 

@@ -15,7 +15,8 @@ how often that decision agrees with the model's final (closed-form) answer.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -93,7 +94,7 @@ def anchor_readout(model: Any, samples: Sequence[Any], groups: Sequence[str] = (
         f, c = _answer_dirs(model, chunk)
         final = following_scores(model, batch).followed  # [batch]
         names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
-        _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names, return_type=None)
+        _, cache = model.run_with_cache(batch, names_filter=names, return_type=None)
         for layer, name in enumerate(names):
             lg = model.unembed(model.ln_final(cache[name]))  # [batch, pos, vocab]
             diff = lg.gather(2, f[:, None, None].expand(-1, lg.shape[1], 1))[..., 0] - lg.gather(

@@ -22,8 +22,9 @@ with positions beyond the prompt (interventions built from spans align to this; 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from ._types import Float
-from .errors import AnswerError, NumericalError
+from .errors import AnswerError, InterventionError, NumericalError
 from .prompts import MLLMBatch
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ PromptPass = Callable[[], tuple[Tensor, Any]]
 
 
 def answer_logprobs(model: Any, batch: MLLMBatch, answers: Sequence[Sequence[str]], first_token: bool = False,
-                    prompt_pass: PromptPass | None = None) -> Float[Tensor, "batch k"]:
+                    prompt_pass: PromptPass | None = None, with_first: bool = False) -> Float[Tensor, "batch k"]:
     """Log-probability of each of ``k`` answers per prompt (full answer, or first token only).
 
     Args:
@@ -71,6 +72,7 @@ def answer_logprobs(model: Any, batch: MLLMBatch, answers: Sequence[Sequence[str
         prompt_pass: advanced: a callable returning ``(logits of the prompt's last positions, KV cache holding
             all prompt positions)``; the default runs ``model(batch)`` with a fresh cache. Sweeps use it to
             recompute only a suffix of the prompt from cached prefix keys/values.
+        with_first: also return the first tokens' log-probabilities: ``(full [batch, k], first [batch, k])``.
     """
     B = len(answers)
     if prompt_pass is None and len(answers) != len(batch):
@@ -89,9 +91,9 @@ def answer_logprobs(model: Any, batch: MLLMBatch, answers: Sequence[Sequence[str
         logits, cache = prompt_pass()
         lp0 = logits[:, -1].float().log_softmax(-1)  # [batch, vocab]
         first = torch.tensor([[x[0] for x in row] for row in ids], device=lp0.device)
-        if single:
-            return lp0.gather(1, first)
         out = lp0.gather(1, first)  # [batch, k]
+        if single:
+            return (out, out) if with_first else out
         A = max(len(x) for row in ids for x in row)
         cont = torch.zeros(K * B, A - 1, dtype=torch.long, device=dev)  # config-major: row k*B + i
         tgt = torch.zeros_like(cont)
@@ -104,10 +106,11 @@ def answer_logprobs(model: Any, batch: MLLMBatch, answers: Sequence[Sequence[str
                     cont[k * B + i, :n] = torch.tensor(x[:-1])
                     tgt[k * B + i, :n] = torch.tensor(x[1:])
                     msk[k * B + i, :n] = 1
-        logits = model(cont, attention_mask=msk, past_kv_cache=_repeat_cache(cache, K))
+        logits = model(cont, attention_mask=msk, past_kv_cache=_repeat_cache(cache, K),
+                       rope_positions=model.rope_positions_of(batch))
         lp = logits.float().log_softmax(-1).gather(2, tgt[..., None])[..., 0] * msk
-        out = out + lp.sum(1).view(K, B).T
-    return out
+        full = out + lp.sum(1).view(K, B).T
+    return (full, out) if with_first else full
 
 
 # ------------------------------------------------------------------------------------- following score
@@ -146,7 +149,7 @@ class FollowingScores:
         return self.logp_follow > self.logp_comp
 
     @staticmethod
-    def cat(parts: Sequence["FollowingScores"]) -> "FollowingScores":
+    def cat(parts: Sequence[FollowingScores]) -> FollowingScores:
         return FollowingScores(torch.cat([p.logp_follow for p in parts]), torch.cat([p.logp_comp for p in parts]))
 
     def to_frame(self, samples: Sequence[Any] | None = None) -> pd.DataFrame:
@@ -169,21 +172,171 @@ def following_scores(model: Any, batch: MLLMBatch, first_token: bool = False,
     ``prompt_pass``/``repeats`` (advanced): score a custom prompt pass over ``repeats`` config-major copies of
     the batch (see :func:`answer_logprobs`).
     """
-    if batch.samples is None:
-        raise AnswerError("The batch carries no samples (answers); build it with model.prepare(samples).")
-    for i, s in enumerate(batch.samples):
-        s.check_answers(i)
-    pairs = [[s.following_answer, s.competitor_answer] for s in batch.samples] * repeats
-    lp = answer_logprobs(model, batch, pairs, first_token=first_token, prompt_pass=prompt_pass)
-    if not torch.isfinite(lp).all():
-        raise NumericalError("Answer log-probabilities contain NaN/inf; check hooks (e.g. fully masked attention "
-                             "rows) and use float32.")
+    lp = AnswerMetric(first_token=first_token).logprobs(model, batch, prompt_pass, repeats)
     return FollowingScores(lp[:, 0], lp[:, 1])
 
 
 def relative_change(before: Tensor, after: Tensor) -> Tensor:
     """Signed relative change ``(after − before) / before`` (the paper's knockout measure; ×100 for %)."""
     return (after - before) / before.clamp_min(1e-12)
+
+
+# ------------------------------------------------------------------------------------------ the Metric protocol
+@runtime_checkable
+class Metric(Protocol):
+    """What every sweep, the engine and patching consume: a per-row measurement of a (possibly intervened) run.
+
+    ``metric(model, batch, prompt_pass=None, copies=1, clean_logits=None) -> Float[Tensor, "copies batch"]``
+    scores ``copies`` config-major copies of ``batch``; ``prompt_pass`` (from the engine) runs the prompt, else
+    ``model(batch)`` runs. ``reads_last_only``: only the last prompt position's logits (and answer
+    continuations) are read, so the engine may skip the final block's other positions. ``needs_cache(model,
+    batch)``: answer continuations need the prompt's KV cache.
+    """
+
+    name: str
+    reads_last_only: bool
+
+    def needs_cache(self, model: Any, batch: MLLMBatch) -> bool: ...
+
+    def __call__(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
+                 clean_logits: Tensor | None = None) -> Tensor: ...
+
+
+ANSWER_KINDS = ("p_binary", "p_follow", "logit_diff", "logprobs")
+
+
+@dataclass(frozen=True)
+class AnswerMetric:
+    """A measurement of the two answers' log-probabilities ``logp(f)``, ``logp(c)`` (full answers, or first tokens).
+
+    ``kind``: ``"p_binary"`` (``σ(logp f − logp c)``, the binary-constrained following probability),
+    ``"p_follow"`` (the unconstrained ``P(f)``), ``"logit_diff"`` (``logp f − logp c``) or ``"logprobs"`` (all of
+    ``[logp f, logp c, first-token logp f, first-token logp c]``, a trailing axis of 4). ``answers``: one
+    ``(f, c)`` pair per sample; None takes the samples' following and competitor answers.
+    """
+
+    kind: str = "p_binary"
+    first_token: bool = False
+    answers: tuple[tuple[str, str], ...] | None = None
+    reads_last_only: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ANSWER_KINDS:
+            raise InterventionError(f"Unknown answer metric kind {self.kind!r}; choose from {ANSWER_KINDS}.")
+        if self.answers is not None:
+            object.__setattr__(self, "answers", tuple(tuple(a) for a in self.answers))
+
+    @property
+    def name(self) -> str:
+        return self.kind + ("_first" if self.first_token else "")
+
+    def pairs(self, batch: MLLMBatch) -> list[list[str]]:
+        if self.answers is not None:
+            if len(self.answers) != len(batch):
+                raise AnswerError(f"The metric has answers for {len(self.answers)} prompts, the batch {len(batch)}.")
+            return [list(a) for a in self.answers]
+        if batch.samples is None:
+            raise AnswerError("The batch carries no samples (answers); build it with model.prepare(samples) or give "
+                              "the metric answers=[(following, competitor), …].")
+        for i, s in enumerate(batch.samples):
+            s.check_answers(i)
+        return [[s.following_answer, s.competitor_answer] for s in batch.samples]
+
+    def needs_cache(self, model: Any, batch: MLLMBatch) -> bool:
+        if self.first_token:
+            return False
+        return any(len(tokenize_answer(model.tokenizer, a)) > 1 for row in self.pairs(batch) for a in row)
+
+    def logprobs(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None,
+                 copies: int = 1, with_first: bool = False) -> Float[Tensor, "rows 2"]:
+        """``[copies·batch, 2]`` log-probabilities of (f, c), config-major (``with_first``: ``[rows, 4]`` with the
+        first tokens' appended)."""
+        lp = answer_logprobs(model, batch, self.pairs(batch) * copies, first_token=self.first_token,
+                             prompt_pass=prompt_pass, with_first=with_first)
+        if with_first:
+            lp = torch.cat(lp, 1)
+        if not torch.isfinite(lp).all():
+            raise NumericalError("Answer log-probabilities contain NaN/inf; check hooks (e.g. fully masked attention "
+                                 "rows) and use float32.")
+        return lp
+
+    def __call__(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
+                 clean_logits: Tensor | None = None) -> Float[Tensor, "copies batch"]:
+        lp = self.logprobs(model, batch, prompt_pass, copies, with_first=self.kind == "logprobs")
+        if self.kind == "logprobs":
+            return lp.view(copies, len(batch), 4)
+        if self.kind == "p_follow":
+            v = lp[:, 0].exp()
+        else:
+            v = lp[:, 0] - lp[:, 1]
+            v = torch.sigmoid(v) if self.kind == "p_binary" else v
+        return v.view(copies, len(batch))
+
+
+@dataclass(frozen=True)
+class LogitsMetric:
+    """Any callable on full-length logits, TransformerLens style: ``fn(logits [batch, pos, vocab])`` returns a
+    value per row ``[batch]`` or one scalar for the batch (given to every row)."""
+
+    fn: Callable[[Tensor], Tensor | float]
+    reads_last_only: bool = False
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__name__", "custom")
+
+    def needs_cache(self, model: Any, batch: MLLMBatch) -> bool:
+        return False
+
+    def __call__(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
+                 clean_logits: Tensor | None = None) -> Float[Tensor, "copies batch"]:
+        B = len(batch)
+        logits = prompt_pass()[0] if prompt_pass is not None else model(batch)
+        skipped = batch.seq_len - logits.shape[1]  # positions the engine did not recompute (clean prefix)
+        if skipped:
+            if clean_logits is None:
+                raise InterventionError("A logits metric needs the clean run's logits of the skipped prefix; record "
+                                        "the clean run with keep_logits=True.")
+            logits = torch.cat([clean_logits[:, :skipped].repeat(copies, 1, 1).to(logits.dtype), logits], 1)
+        out = []
+        for j in range(copies):
+            v = self.fn(logits[j * B:(j + 1) * B])
+            v = torch.as_tensor(v, dtype=torch.float32).detach().flatten().cpu()
+            out.append(v.expand(B) if v.numel() == 1 else v)
+        return torch.stack(out)
+
+
+#: Named metrics (``as_metric("p_binary")`` …); the engine, sweeps and patching accept any of these names.
+METRICS: dict[str, AnswerMetric] = {
+    "p_binary": AnswerMetric("p_binary"), "p_follow": AnswerMetric("p_follow"),
+    "logit_diff": AnswerMetric("logit_diff"), "p_binary_first": AnswerMetric("p_binary", first_token=True),
+    "p_follow_first": AnswerMetric("p_follow", first_token=True),
+    "logit_diff_first": AnswerMetric("logit_diff", first_token=True),
+}
+MetricLike = str | Metric | Callable[[Tensor], Tensor | float]
+
+
+def as_metric(metric: MetricLike, first_token: bool | None = None,
+              answers: Sequence[tuple[str, str]] | None = None) -> Metric:
+    """A metric name, a :class:`Metric`, or a callable on logits -> a :class:`Metric` (``first_token`` and
+    ``answers`` override a named answer metric's)."""
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            raise InterventionError(f"Unknown metric {metric!r}; use one of {sorted(METRICS)}, a Metric, or a "
+                                    "callable f(logits [batch, pos, vocab]) -> [batch] or scalar.")
+        m = METRICS[metric]
+    elif hasattr(metric, "reads_last_only") and hasattr(metric, "needs_cache"):  # a Metric (protocol)
+        m = metric
+    elif callable(metric):
+        return LogitsMetric(metric)
+    else:
+        raise InterventionError(f"A metric is a name, a Metric or a callable; got {metric!r}.")
+    if isinstance(m, AnswerMetric):
+        if first_token is not None and first_token != m.first_token:
+            m = AnswerMetric(m.kind, first_token, m.answers)
+        if answers is not None:
+            m = AnswerMetric(m.kind, m.first_token, tuple(tuple(a) for a in answers))
+    return m
 
 
 # ------------------------------------------------------------------------------------------------- MFR

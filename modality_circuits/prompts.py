@@ -12,8 +12,9 @@ Shapes use the glossary in :mod:`modality_circuits._types`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,6 +93,8 @@ class MLLMBatch:
         image_counts: number of images of each sample (to slice ``model_inputs`` per sample).
         texts: the rendered prompt text of each sample.
         samples: the source samples (if built from samples), for metrics that need answers.
+        rope_positions: the architecture's rotary positions of the prompt (M-RoPE: ``Int[Tensor, "3 batch pos"]``),
+            computed by :meth:`HookedMLLM.prepare`; None for 1-D positions from the attention mask.
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -101,6 +104,7 @@ class MLLMBatch:
     image_counts: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     samples: list[Any] | None = None
+    rope_positions: Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -109,14 +113,15 @@ class MLLMBatch:
     def seq_len(self) -> int:
         return self.tokens.shape[1]
 
-    def to(self, device: torch.device | str) -> "MLLMBatch":
+    def to(self, device: torch.device | str) -> MLLMBatch:
         mi = {k: (v.to(device) if isinstance(v, Tensor) else
                   [x.to(device) for x in v] if isinstance(v, list) and v and isinstance(v[0], Tensor) else v)
               for k, v in self.model_inputs.items()}
+        rp = None if self.rope_positions is None else self.rope_positions.to(device)
         return replace(self, tokens=self.tokens.to(device), attention_mask=self.attention_mask.to(device),
-                       spans=self.spans.to(device), model_inputs=mi)
+                       spans=self.spans.to(device), model_inputs=mi, rope_positions=rp)
 
-    def select(self, index: Sequence[int]) -> "MLLMBatch":
+    def select(self, index: Sequence[int]) -> MLLMBatch:
         """A sub-batch (kept at the same padded length, so positions stay comparable)."""
         index = list(index)
         starts = np.concatenate([[0], np.cumsum(self.image_counts)]).astype(int)
@@ -135,9 +140,11 @@ class MLLMBatch:
             model_inputs=mi, image_counts=[self.image_counts[i] for i in index],
             texts=[self.texts[i] for i in index] if self.texts else [],
             samples=[self.samples[i] for i in index] if self.samples is not None else None,
+            rope_positions=None if self.rope_positions is None else self.rope_positions[:, idx.to(
+                self.rope_positions.device)],
         )
 
-    def repeat(self, n: int) -> "MLLMBatch":
+    def repeat(self, n: int) -> MLLMBatch:
         """The batch repeated ``n`` times along ``batch`` (config-major: copy k is rows k*B..(k+1)*B-1)."""
         return self.select([i for _ in range(n) for i in range(len(self))])
 

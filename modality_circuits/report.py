@@ -27,8 +27,9 @@ from __future__ import annotations
 import html
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
@@ -177,10 +178,16 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, png: bo
             logger.warning("report section %r failed: %s", name, e)
             page.add(key, name, f"<p class='note'>Could not draw this section: {html.escape(str(e))}</p>")
 
+    def _metric_text(df: Any) -> str:
+        names = {"p_binary": "the binary following probability", "p_follow": "the (unconstrained) probability of "
+                 "the following answer", "logit_diff": "the following − competitor log-probability difference"}
+        m = str(df["metric"].iloc[0]).removesuffix("_first") if "metric" in df and len(df) else "p_binary"
+        return names.get(m, m)
+
     ko = _read_csv(d, "knockout.csv")
     section("knockout", "Attention knockout (information flow)", ["knockout.csv"], lambda df: (
         "<p class='note'>Blocking attention from source to destination tokens (src ↛ dst) at a window of layers; "
-        "y = mean relative change of the binary following probability ×100 with 95% CI.</p>"
+        f"y = mean relative change of {_metric_text(df)} ×100 with 95% CI.</p>"
         + page.figure(viz.knockout_curves(df), "knockout")), ko)
     co = _read_csv(d, "contributions.csv")
     section("contributions", "Attention vs MLP contributions", ["contributions.csv"],

@@ -11,8 +11,8 @@ Standard group names: ``image`` (all image tokens; ``image.0``, ``image.1`` … 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -22,6 +22,27 @@ from .errors import SpanError
 
 #: Names every analysis knows about; any other segment name is a user-named group.
 STANDARD_GROUPS = ("image", "context", "instruction", "question", "constraint", "system", "last")
+
+#: How every public function names a token group: a group name, several names (their union), or an explicit
+#: ``Bool[Tensor, "batch pos"]`` mask. Resolved in one place, :meth:`Spans.resolve`.
+GroupSpec = str | Sequence[str] | Tensor
+
+
+def check_group_spec(spec: object, what: str = "group") -> object:
+    """Validate a :data:`GroupSpec` at the call (not inside a hook); returns it with lists made tuples.
+
+    Raises:
+        SpanError: ``spec`` is not a non-empty name, a sequence of names, or a boolean tensor.
+    """
+    if isinstance(spec, str) and spec:
+        return spec
+    if isinstance(spec, Tensor):
+        if spec.dim() != 2:
+            raise SpanError(f"A {what} given as a mask must be Bool[batch, pos]; got shape {tuple(spec.shape)}.")
+        return spec.bool()
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(x, str) and x for x in spec):
+        return tuple(spec)
+    raise SpanError(f"A {what} is a token-group name, a list of names, or a Bool[batch, pos] mask; got {spec!r}.")
 
 
 @dataclass
@@ -78,6 +99,23 @@ class Spans:
 
     __getitem__ = mask
 
+    def resolve(self, spec: GroupSpec, allow_empty: bool = False) -> Bool[Tensor, "batch pos"]:
+        """A :data:`GroupSpec` (name, names, or explicit mask) -> ``Bool[Tensor, "batch pos"]`` (the one place
+        group specifications are resolved)."""
+        spec = check_group_spec(spec)
+        if isinstance(spec, Tensor):
+            if tuple(spec.shape) != (self.batch_size, self.seq_len):
+                raise SpanError(f"A group mask has shape {tuple(spec.shape)}, the batch is "
+                                f"{(self.batch_size, self.seq_len)} (batch, pos).")
+            return spec
+        return self.mask(spec if isinstance(spec, str) else list(spec), allow_empty=allow_empty)
+
+    def first(self, spec: GroupSpec) -> int:
+        """The first position of a group over the whole batch (``seq_len`` if it is empty everywhere)."""
+        m = self.resolve(spec, allow_empty=True)
+        hit = m.any(0).nonzero().flatten()
+        return int(hit[0]) if len(hit) else self.seq_len
+
     def _check_nonempty(self, m: Tensor, name: str) -> None:
         empty = (~m.any(dim=1)).nonzero().flatten().tolist()
         if empty:
@@ -86,11 +124,11 @@ class Spans:
                 "Give the segment some text, drop those samples, or pass allow_empty=True."
             )
 
-    def positions(self, name: str, i: int) -> Int[Tensor, "n"]:
+    def positions(self, name: str, i: int) -> Int[Tensor, " n"]:
         """Positions (in the padded sequence) of group ``name`` in sample ``i``."""
         return self.mask(name, allow_empty=True)[i].nonzero().flatten()
 
-    def first_position(self, name: str | Sequence[str]) -> Int[Tensor, "batch"]:
+    def first_position(self, name: str | Sequence[str]) -> Int[Tensor, " batch"]:
         """First position of the group in each sample (``seq_len`` where the group is empty)."""
         m = self.mask(name, allow_empty=True)
         pos = torch.arange(m.shape[1], device=m.device).expand_as(m)
@@ -101,14 +139,14 @@ class Spans:
         return {k: v.sum(dim=1).tolist() for k, v in self.masks.items()}
 
     # -------------------------------------------------------------- transforms
-    def select(self, index: Sequence[int] | Tensor) -> "Spans":
+    def select(self, index: Sequence[int] | Tensor) -> Spans:
         idx = torch.as_tensor(index, dtype=torch.long)
         return Spans({k: v[idx.to(v.device)] for k, v in self.masks.items()})
 
-    def to(self, device: torch.device | str) -> "Spans":
+    def to(self, device: torch.device | str) -> Spans:
         return Spans({k: v.to(device) for k, v in self.masks.items()})
 
-    def with_group(self, name: str, mask: Bool[Tensor, "batch pos"]) -> "Spans":
+    def with_group(self, name: str, mask: Bool[Tensor, "batch pos"]) -> Spans:
         """A copy with an extra (user-defined) group, e.g. explicit positions."""
         if mask.shape != (self.batch_size, self.seq_len):
             raise SpanError(f"Mask for group {name!r} has shape {tuple(mask.shape)}, expected "
@@ -116,7 +154,7 @@ class Spans:
         return Spans({**self.masks, name: mask.bool()})
 
     @staticmethod
-    def concat(spans: Iterable["Spans"]) -> "Spans":
+    def concat(spans: Iterable[Spans]) -> Spans:
         spans = list(spans)
         names = spans[0].names
         return Spans({n: torch.cat([s.masks[n] for s in spans]) for n in names})

@@ -6,7 +6,8 @@ BPE with a ``▁`` prefix, as Llama's) and models are random-initialised from sm
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -46,8 +47,14 @@ def tiny_llava(tokenizer: Any, *, decoder: str = "llama", n_layers: int = 2, d_m
     """A random ``LlavaForConditionalGeneration`` (eager attention, fp32) sized for unit tests.
 
     ``text_overrides``: extra text-config fields (``rope_parameters``, ``attention_bias``, ``layer_types`` …)."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+        Qwen2Config,
+    )
 
     text_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[decoder]
     vocab = len(tokenizer) + vocab_pad
@@ -98,8 +105,12 @@ def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_mod
                  text_overrides: dict[str, Any] | None = None) -> Any:
     """A random ``Qwen2VLForConditionalGeneration`` (``version="2"``) or ``Qwen2_5_VLForConditionalGeneration``
     (``"2.5"``), eager attention, fp32. Use with ``Qwen2VLImageProcessorPil(patch_size=patch_size, ...)``."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*QWEN_SPECIALS, "<|image_pad|>")}
     text = dict(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
@@ -120,7 +131,8 @@ def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_mod
         vision = dict(depth=vision_depth, hidden_size=d_vision, out_hidden_size=d_model, intermediate_size=2 * d_vision,
                       num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
                       window_size=4 * patch_size, fullatt_block_indexes=[vision_depth - 1])
-        cfg, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common), Qwen2_5_VLForConditionalGeneration
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+        cls = Qwen2_5_VLForConditionalGeneration
     else:
         raise ValueError(f"version must be '2' or '2.5', got {version!r}")
     cfg._attn_implementation = "eager"

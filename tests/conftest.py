@@ -12,8 +12,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from collections.abc import Callable  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

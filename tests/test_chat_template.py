@@ -11,8 +11,14 @@ import pytest
 from modality_circuits import HookedMLLM, Segment
 from modality_circuits.chat_template import HFChatTemplate
 from modality_circuits.errors import SpanError
-from modality_circuits.testing import (DEFAULT_CORPUS, random_images, tiny_bpe_tokenizer, tiny_llava,
-                                      tiny_qwen_tokenizer, tiny_qwen_vl)
+from modality_circuits.testing import (
+    DEFAULT_CORPUS,
+    random_images,
+    tiny_bpe_tokenizer,
+    tiny_llava,
+    tiny_qwen_tokenizer,
+    tiny_qwen_vl,
+)
 
 #: llava-hf/llava-1.5-7b-hf (chat_template.json)
 LLAVA_15_HF = (

@@ -21,15 +21,41 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import ModalityCircuitsError
-from .run import (DEFAULT_MODEL, DTYPES, HEAD_METHODS, PACKAGE_ROOT, Run, _csv_list, _jsonable,  # noqa: F401
-                  default_model_path, load_data, load_model, parse_edges, parse_layers, seed_everything,
-                  sha256_weights, usable_for_lens, versions)
-from .stages import (accuracy_line, stage_anchors, stage_attention_views, stage_contributions,  # noqa: F401
-                     stage_evaluate, stage_heads, stage_knockout, stage_patching, stage_report, summarize_accuracy)
+from .run import (  # noqa: F401
+    DEFAULT_MODEL,
+    DTYPES,
+    HEAD_METHODS,
+    PACKAGE_ROOT,
+    Run,
+    _csv_list,
+    _jsonable,
+    default_model_path,
+    load_data,
+    load_model,
+    parse_edges,
+    parse_layers,
+    seed_everything,
+    sha256_weights,
+    usable_for_lens,
+    versions,
+)
+from .stages import (  # noqa: F401
+    accuracy_line,
+    stage_anchors,
+    stage_attention_views,
+    stage_contributions,
+    stage_evaluate,
+    stage_heads,
+    stage_knockout,
+    stage_patching,
+    stage_report,
+    summarize_accuracy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             seed = EVAL_SEED if args.seed is None else args.seed
             ev = evaluate_model(model, n=args.n or 200, seed=seed, batch_size=args.batch_size,
                                 progress=not run.quiet)
-            for k, v in ev.items():
+            for _k, v in ev.items():
                 if isinstance(v, dict) and "accuracy" in v:
                     v.setdefault("n", ev["n_per_condition"])
             run.manifest["data"] = {"source": "synthetic (held-out evaluation sets)", "seed": seed,
@@ -196,12 +222,15 @@ def _knockout_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("knockout")
     g.add_argument("--edges", default=None, metavar="LIST",
                    help="comma-separated src->dst edges (default: the paper's nine, e.g. image->last)")
-    g.add_argument("--layers", default=None, metavar="LIST", help="layers to centre windows at, e.g. 0,2,4 or 3-7 "
-                                                                  "(default: all)")
+    g.add_argument("--centers", "--layers", dest="centers", default=None, metavar="LIST",
+                   help="window centres (or starts), e.g. 0,2,4 or 3-7 (default: every layer)")
     g.add_argument("--window", type=int, default=1, metavar="K", help="knock out K consecutive layers (default: 1)")
     g.add_argument("--window-mode", choices=("centered", "start"), default="centered",
                    help="window centred on the layer or starting at it (default: centered)")
     g.add_argument("--first-token", action="store_true", help="score only the answers' first token")
+    g.add_argument("--metric", default="p_binary", choices=("p_binary", "p_follow", "logit_diff"),
+                   help="what the knockout changes: the binary-constrained following probability (default), the "
+                        "unconstrained P(following answer), or the log-probability difference")
 
 
 def _anchor_opts(p: argparse.ArgumentParser) -> None:

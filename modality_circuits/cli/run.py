@@ -7,9 +7,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from ..errors import ModalityCircuitsError
 
@@ -264,10 +265,10 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
             else:
                 out.append(int(part))
         except ValueError:
-            raise ModalityCircuitsError(f"--layers: cannot parse {part!r}; use e.g. 0,2,5 or 3-7.") from None
+            raise ModalityCircuitsError(f"--centers: cannot parse {part!r}; use e.g. 0,2,5 or 3-7.") from None
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad:
-        raise ModalityCircuitsError(f"--layers: {bad} out of range; the model has {n_layers} layers "
+        raise ModalityCircuitsError(f"--centers: {bad} out of range; the model has {n_layers} layers "
                                     f"(0..{n_layers - 1}).")
     return out
 

@@ -72,9 +72,9 @@ def stage_knockout(run: Run, model: Any, conflict: list, args: argparse.Namespac
 
     with run.stage("knockout") as info:
         edges = parse_edges(args.edges) or list(DEFAULT_EDGES)
-        df = knockout_sweep(model, conflict, edges=edges, layers=parse_layers(args.layers, model.cfg.n_layers),
+        df = knockout_sweep(model, conflict, edges=edges, centers=parse_layers(args.centers, model.cfg.n_layers),
                             window=args.window, window_mode=args.window_mode, batch_size=args.batch_size,
-                            first_token=args.first_token, progress=not run.quiet)
+                            first_token=args.first_token, metric=args.metric, progress=not run.quiet)
         run.csv(df, "knockout.csv")
         s = summarize(df, "delta", ["condition", "edge", "layer"])
         run.csv(s, "knockout_summary.csv")

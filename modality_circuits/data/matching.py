@@ -37,7 +37,8 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from typing import Iterable, Literal, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 logger = logging.getLogger(__name__)
 

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ..errors import DataFormatError, ModalityCircuitsError
 from .sample import CONSTRAINTS, INSTRUCTIONS, Sample

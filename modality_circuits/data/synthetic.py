@@ -12,8 +12,8 @@ Everything is a pure function of ``seed``: the same call gives the same samples,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw

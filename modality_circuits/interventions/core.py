@@ -1,8 +1,7 @@
 """Shared machinery of interventions: mask alignment and hook application inside context managers.
 
-Every intervention in this package is a list of TransformerLens forward hooks ``(hook_name, fn)`` built from
-span masks. Hooks are only ever attached inside ``model.hooks(...)`` (a context manager that removes them even
-when the body raises), through :func:`apply`.
+Interventions (:mod:`~modality_circuits.interventions.base`) build their hooks from span masks in prompt
+coordinates; these helpers fit such masks to the activations a hook meets.
 
 **Alignment rule.** A mask built for a batch of ``B`` prompts of length ``L`` may meet activations of a
 *repeated* batch (``k*B`` rows, config-major, e.g. answer continuations or batched sweeps) and of *shifted*
@@ -12,16 +11,14 @@ repeats rows and takes the last ``q_len`` query positions; positions beyond the 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._types import Bool
 from ..errors import InterventionError
-
-Hook = tuple[str | Callable[[str], bool], Callable[..., Any]]
 
 
 def align_rows(t: Tensor, n_rows: int) -> Tensor:
@@ -96,11 +93,3 @@ def layer_window(layer: int, k: int, n_layers: int, mode: str = "centered") -> l
     else:
         raise InterventionError(f"Window mode must be 'centered' or 'start', got {mode!r}.")
     return [x for x in range(lo, lo + k) if 0 <= x < n_layers]
-
-
-@contextmanager
-def apply(model: Any, *hook_lists: Sequence[Hook]) -> Iterator[Any]:
-    """Attach several interventions' hooks for the duration of a ``with`` block (removed even on error)."""
-    hooks = [h for hl in hook_lists for h in hl]
-    with model.hooks(fwd_hooks=hooks):
-        yield model

@@ -1,43 +1,61 @@
-"""Head interventions as one idea: a per-head scale on the head's output ``z`` around a baseline.
+"""Head interventions as one formula: a per-head scale on the head's output ``z`` around a baseline.
 
-``z' = baseline + α · (z − baseline)`` at the chosen (layer, head) pairs and positions:
+``z' = baseline + α · (z − baseline)`` at the chosen ``(layer, head)`` pairs and positions (:class:`ScaleHeads`):
 
 * **zero ablation** (block): ``α = 0``, baseline 0;
-* **mean ablation**: ``α = 0``, baseline = the head's mean ``z`` over a reference batch (:func:`mean_z`);
+* **mean ablation**: ``α = 0``, baseline = the head's mean ``z`` over a reference set (:func:`mean_z`);
 * **amplification**: ``α > 1``, baseline 0 (``α = 1`` is the identity).
 
-Attention amplification instead scales a head's attention from query group ``dst`` to key group ``src`` by
-``α`` before renormalisation (adds ``log α`` to those pre-softmax scores).
+:class:`ScaleAttention` instead scales heads' attention from query group ``dst`` to key group ``src`` by ``α``
+before renormalisation (adds ``log α`` to those pre-softmax scores).
 
-Scales may differ per batch row, which is how batched head scans ablate a different head in each copy of the
-batch (:func:`scale_tensor_hooks`). Hooks read ``model.pos_offset`` to align position masks under a KV cache.
+Heads are always ``(layer, head)`` pairs; positions are a :data:`~modality_circuits.spans.GroupSpec` or None
+(every position, answer continuations included). The context managers :func:`block_heads`,
+:func:`amplify_heads` and :func:`amplify_attention` are thin forms of the two dataclasses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .._types import Float
 from ..errors import InterventionError
-from ..spans import Spans
-from .core import Hook, align_mask, align_positions, align_rows, check_heads, check_layers
-from .knockout import GroupLike, edge_mask, group_mask
+from ..models.forward_state import ForwardState
+from ..prompts import MLLMBatch
+from ..spans import GroupSpec, check_group_spec
+from .base import HookFn, Intervention, apply, config_hooks
+from .core import align_mask, align_positions, check_heads, check_layers
+from .knockout import edge_mask
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 HeadSet = Iterable[tuple[int, int]]
 
 
-def normalize_heads(model: Any, heads: HeadSet) -> dict[int, list[int]]:
+def as_head_pairs(heads: Any) -> tuple[tuple[int, int], ...]:
+    """``[(layer, head), …]`` as a tuple of int pairs; a clear error for anything else (e.g. a bare int list)."""
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+        raise InterventionError(f"Heads are a list of (layer, head) pairs; got {heads!r}.")
+    out = []
+    for lh in heads:
+        if isinstance(lh, (str, bytes)) or not isinstance(lh, Iterable) or len(tuple(lh)) != 2:
+            raise InterventionError(f"Heads are (layer, head) pairs; got {lh!r}.")
+        out.append((int(tuple(lh)[0]), int(tuple(lh)[1])))
+    return tuple(out)
+
+
+def normalize_heads(model: HookedMLLM, heads: HeadSet) -> dict[int, list[int]]:
     """``[(layer, head), …]`` -> ``{layer: [heads]}`` with range checks (clear error on bad indices)."""
     out: dict[int, list[int]] = {}
-    for lh in heads:
-        if len(tuple(lh)) != 2:
-            raise InterventionError(f"Heads are (layer, head) pairs; got {lh!r}.")
-        layer, head = (int(x) for x in lh)
+    for layer, head in as_head_pairs(heads):
         layer = check_layers(model, [layer])[0]
         check_heads(model, [head])
         out.setdefault(layer, []).append(head)
@@ -52,100 +70,181 @@ def _check_alpha(alpha: float) -> float:
 
 
 @torch.no_grad()
-def mean_z(model: Any, batch: Any) -> Float[Tensor, "layer n_heads d_head"]:
-    """Mean of each head's ``z`` over the non-padding positions of a reference batch (for mean ablation)."""
+def mean_z(model: HookedMLLM, reference: MLLMBatch | Sequence[Any], batch_size: int = 16
+           ) -> Float[Tensor, "layer n_heads d_head"]:
+    """Mean of each head's ``z`` over the non-padding positions of a reference batch or sample set (the mean
+    ablation baseline; every analysis uses this one definition)."""
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-    _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names, return_type=None)
-    m = batch.attention_mask.bool().to(model.cfg.device)
-    return torch.stack([cache[n][m].mean(0) for n in names])  # [layer, n_heads, d_head]
+    batches = [reference] if isinstance(reference, MLLMBatch) else [
+        model.prepare(list(reference[i:i + batch_size])) for i in range(0, len(reference), batch_size)]
+    total, count = None, 0
+    for b in batches:
+        _, cache = model.run_with_cache(b, names_filter=lambda n: n in names, return_type=None)
+        m = b.attention_mask.bool().to(model.cfg.device)
+        s = torch.stack([cache[n][m].double().sum(0) for n in names])  # [layer, n_heads, d_head]
+        total = s if total is None else total + s
+        count += int(m.sum())
+    if total is None or count == 0:
+        raise InterventionError("Mean ablation needs a non-empty reference set.")
+    return (total / count).to(model.cfg.dtype)
 
 
-def scale_tensor_hooks(model: Any, scales: dict[int, Tensor], positions: Tensor | None = None,
-                       baseline: Tensor | None = None) -> list[Hook]:
-    """Hooks applying ``z' = b + s·(z − b)`` with per-layer scales ``{layer: Float[rows, n_heads]}``.
+@dataclass(frozen=True, eq=False)
+class ScaleHeads(Intervention):
+    """``z' = baseline + alpha · (z − baseline)`` for ``heads`` at ``positions`` (module doc).
 
-    Args:
-        positions: ``Bool[batch, pos]`` where to apply (None: every position).
-        baseline: ``[layer, n_heads, d_head]`` (mean ablation) or None (0).
+    Attributes:
+        heads: ``(layer, head)`` pairs.
+        alpha: the scale (0 ablates, 1 is the identity, > 1 amplifies); ``scales`` overrides it per head.
+        positions: token group to act at (None: every position).
+        baseline: ``[layer, n_heads, d_head]`` mean-ablation baseline (None: 0).
     """
 
-    def make(layer: int, s: Tensor):
-        def hook(z: Tensor, hook: Any) -> Tensor:  # z: [rows, pos, n_heads, d_head]
-            n, q = z.shape[:2]
-            sc = align_rows(s.to(z.device, z.dtype), n)[:, None, :, None]  # [rows, 1, n_heads, 1]
-            if positions is not None:
-                p = align_positions(positions.to(z.device), n, q, getattr(model, "pos_offset", 0))
-                sc = torch.where(p[:, :, None, None], sc, torch.ones_like(sc))
-            b = 0 if baseline is None else baseline[layer].to(z.device, z.dtype)[None, None]
-            return b + sc * (z - b)
-        return hook
+    heads: HeadSet
+    alpha: float = 0.0
+    positions: GroupSpec | None = None
+    baseline: Tensor | None = None
 
-    return [(f"blocks.{layer}.attn.hook_z", make(layer, s)) for layer, s in scales.items()]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", as_head_pairs(self.heads))
+        object.__setattr__(self, "alpha", _check_alpha(self.alpha))
+        if self.positions is not None:
+            object.__setattr__(self, "positions", check_group_spec(self.positions, "head positions"))
+
+    def first_layer(self, model: HookedMLLM) -> int:
+        return min(normalize_heads(model, self.heads), default=model.cfg.n_layers)
+
+    def first_position(self, batch: MLLMBatch) -> int:
+        return 0 if self.positions is None else batch.spans.first(self.positions)
+
+    def hooks(self, model: HookedMLLM, batch: MLLMBatch | None) -> list[tuple[str, HookFn]]:
+        by_layer = normalize_heads(model, self.heads)
+        if isinstance(self.positions, Tensor) and batch is None:
+            pos = self.positions  # an explicit mask in prompt coordinates
+        elif self.positions is not None and batch is None:
+            raise InterventionError("Heads scaled at a token group need the batch the group belongs to.")
+        else:
+            pos = None if self.positions is None else batch.spans.resolve(self.positions, allow_empty=True)
+        if self.baseline is not None and tuple(self.baseline.shape) != (model.cfg.n_layers, model.cfg.n_heads,
+                                                                        model.cfg.d_head):
+            want = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
+            raise InterventionError(f"baseline has shape {tuple(self.baseline.shape)}, expected {want} "
+                                    "(layer, n_heads, d_head).")
+        out = []
+        for layer, hs in by_layer.items():
+            s = torch.ones(model.cfg.n_heads)
+            s[hs] = self.alpha
+            base = None if self.baseline is None else self.baseline[layer]
+            out.append((f"blocks.{layer}.attn.hook_z", _scale_z(s, pos, base)))
+        return out
 
 
-def head_scale_hooks(model: Any, heads: HeadSet, alpha: float = 0.0, positions: Tensor | None = None,
-                     baseline: Tensor | None = None) -> list[Hook]:
-    """Scale the output of every head in ``heads`` by ``alpha`` (see module doc) at ``positions``."""
-    alpha = _check_alpha(alpha)
-    by_layer = normalize_heads(model, heads)
-    scales = {}
-    for layer, hs in by_layer.items():
-        s = torch.ones(1, model.cfg.n_heads)
-        s[0, hs] = alpha
-        scales[layer] = s
-    return scale_tensor_hooks(model, scales, positions, baseline)
+def _scale_z(s: Tensor, pos: Tensor | None, base: Tensor | None) -> HookFn:
+    def fn(z: Tensor, state: ForwardState) -> Tensor:  # z: [rows, pos, n_heads, d_head]
+        sc = s.to(z.device, z.dtype)[None, None, :, None]
+        if pos is not None:
+            p = align_positions(pos.to(z.device), z.shape[0], z.shape[1], state.offset)
+            sc = torch.where(p[:, :, None, None], sc, torch.ones_like(sc))
+        b = 0 if base is None else base.to(z.device, z.dtype)[None, None]
+        return b + sc * (z - b)
+    return fn
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleAttention(Intervention):
+    """Scale ``heads``' attention from ``dst`` queries to ``src`` keys by ``alpha > 0`` (renormalised)."""
+
+    heads: HeadSet
+    alpha: float
+    src: GroupSpec
+    dst: GroupSpec = "last"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", as_head_pairs(self.heads))
+        if _check_alpha(self.alpha) == 0:
+            raise InterventionError("Attention scaling needs α > 0 (use Knockout to remove attention).")
+        object.__setattr__(self, "src", check_group_spec(self.src, "attention source"))
+        object.__setattr__(self, "dst", check_group_spec(self.dst, "attention destination"))
+
+    def first_layer(self, model: HookedMLLM) -> int:
+        return min(normalize_heads(model, self.heads), default=model.cfg.n_layers)
+
+    def first_position(self, batch: MLLMBatch) -> int:
+        return batch.spans.first(self.dst)
+
+    def hooks(self, model: HookedMLLM, batch: MLLMBatch) -> list[tuple[str, HookFn]]:
+        m = edge_mask(batch.spans, self.src, self.dst)
+        add = math.log(self.alpha)
+        out = []
+        for layer, hs in normalize_heads(model, self.heads).items():
+            sel = torch.zeros(model.cfg.n_heads, dtype=torch.bool)
+            sel[hs] = True
+            out.append((f"blocks.{layer}.attn.hook_attn_scores", _add_scores(m, sel, add)))
+        return out
+
+
+def _add_scores(m: Tensor, sel: Tensor, add: float) -> HookFn:
+    def fn(scores: Tensor, state: ForwardState) -> Tensor:
+        n, H, q, k = scores.shape
+        mm = align_mask(m.to(scores.device), n, q, k)[:, None] & sel.to(scores.device)[None, :, None, None]
+        return scores + mm.to(scores.dtype) * add
+    return fn
+
+
+# ------------------------------------------------------------------------------------------ thin forms
+def head_scale_hooks(model: HookedMLLM, heads: HeadSet, alpha: float = 0.0, positions: GroupSpec | None = None,
+                     baseline: Tensor | None = None, batch: MLLMBatch | None = None) -> list[tuple[str, Any]]:
+    """TransformerLens hooks of :class:`ScaleHeads` (``positions`` needs the ``batch``)."""
+    return config_hooks(model, batch, [ScaleHeads(heads, alpha, positions, baseline)])
 
 
 @contextmanager
-def block_heads(model: Any, heads: HeadSet, mode: str = "zero", reference: Any = None,
-                positions: Tensor | None = None) -> Iterator[Any]:
-    """Context manager: zero- or mean-ablate ``heads`` (mean needs a ``reference`` batch)."""
+def block_heads(model: HookedMLLM, heads: HeadSet, mode: str = "zero", reference: Any = None,
+                positions: GroupSpec | None = None, batch: MLLMBatch | None = None) -> Iterator[HookedMLLM]:
+    """Context manager: zero- or mean-ablate ``heads`` (mean needs a ``reference`` batch or sample list;
+    ``positions`` a token group of ``batch``)."""
     if mode not in ("zero", "mean"):
         raise InterventionError(f"Ablation mode must be 'zero' or 'mean', got {mode!r}.")
     if mode == "mean" and reference is None:
         raise InterventionError("Mean ablation needs a reference batch: block_heads(..., mode='mean', reference=b).")
-    base = mean_z(model, reference) if mode == "mean" else None
-    with model.hooks(fwd_hooks=head_scale_hooks(model, heads, 0.0, positions, base)):
+    iv = ScaleHeads(heads, 0.0, positions, mean_z(model, reference) if mode == "mean" else None)
+    with apply(model, _batch_for(iv, batch), iv):
         yield model
 
 
 @contextmanager
-def amplify_heads(model: Any, heads: HeadSet, alpha: float, positions: Tensor | None = None) -> Iterator[Any]:
-    """Context manager: multiply the output of ``heads`` by ``alpha``."""
-    with model.hooks(fwd_hooks=head_scale_hooks(model, heads, alpha, positions)):
+def amplify_heads(model: HookedMLLM, heads: HeadSet, alpha: float, positions: GroupSpec | None = None,
+                  batch: MLLMBatch | None = None) -> Iterator[HookedMLLM]:
+    """Context manager: multiply the output of ``heads`` by ``alpha`` (at ``positions`` of ``batch``)."""
+    iv = ScaleHeads(heads, alpha, positions)
+    with apply(model, _batch_for(iv, batch), iv):
         yield model
 
 
-def attention_scale_hooks(model: Any, spans: Spans, heads: HeadSet, alpha: float, src: GroupLike,
-                          dst: GroupLike = "last") -> list[Hook]:
-    """Scale ``heads``' attention from ``dst`` queries to ``src`` keys by ``alpha`` (renormalised)."""
-    alpha = _check_alpha(alpha)
-    if alpha == 0:
-        raise InterventionError("Attention scaling needs α > 0 (use knockout() to remove attention).")
-    by_layer = normalize_heads(model, heads)
-    m = edge_mask(spans, src, dst)
-    add = math.log(alpha)
+def _batch_for(iv: ScaleHeads, batch: MLLMBatch | None) -> MLLMBatch | None:
+    if iv.positions is not None and batch is None and not isinstance(iv.positions, Tensor):
+        raise InterventionError(f"Heads scaled at token group {iv.positions!r} need the batch it belongs to: pass "
+                                "batch=model.prepare(samples).")
+    return batch
 
-    def make(hs: Sequence[int]):
-        sel = torch.zeros(model.cfg.n_heads, dtype=torch.bool)
-        sel[list(hs)] = True
 
-        def hook(scores: Tensor, hook: Any) -> Tensor:
-            n, H, q, k = scores.shape
-            mm = align_mask(m.to(scores.device), n, q, k)[:, None] & sel.to(scores.device)[None, :, None, None]
-            return scores + mm.to(scores.dtype) * add
-        return hook
+def attention_scale_hooks(model: HookedMLLM, batch: MLLMBatch, heads: HeadSet, alpha: float, src: GroupSpec,
+                          dst: GroupSpec = "last") -> list[tuple[str, Any]]:
+    """TransformerLens hooks of :class:`ScaleAttention`."""
+    from .knockout import _as_batch
 
-    return [(f"blocks.{layer}.attn.hook_attn_scores", make(hs)) for layer, hs in by_layer.items()]
+    return config_hooks(model, _as_batch(batch), [ScaleAttention(heads, alpha, src, dst)])
 
 
 @contextmanager
-def amplify_attention(model: Any, spans: Spans, heads: HeadSet, alpha: float, src: GroupLike,
-                      dst: GroupLike = "last") -> Iterator[Any]:
-    """Context manager form of :func:`attention_scale_hooks`."""
-    with model.hooks(fwd_hooks=attention_scale_hooks(model, spans, heads, alpha, src, dst)):
+def amplify_attention(model: HookedMLLM, batch: Any, heads: HeadSet, alpha: float, src: GroupSpec,
+                      dst: GroupSpec = "last") -> Iterator[HookedMLLM]:
+    """Context manager form of :class:`ScaleAttention` (``batch``: the batch, or its spans)."""
+    from .knockout import _as_batch
+
+    with apply(model, _as_batch(batch), ScaleAttention(heads, alpha, src, dst)):
         yield model
 
 
-__all__ = ["amplify_attention", "amplify_heads", "attention_scale_hooks", "block_heads", "group_mask",
-           "head_scale_hooks", "mean_z", "normalize_heads", "scale_tensor_hooks"]
+__all__ = ["ScaleAttention", "ScaleHeads", "amplify_attention", "amplify_heads", "as_head_pairs",
+           "attention_scale_hooks", "block_heads", "head_scale_hooks", "mean_z", "normalize_heads"]

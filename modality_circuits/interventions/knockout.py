@@ -6,38 +6,37 @@ key is masked** (possible only when ``src`` covers all of a ``dst`` query's visi
 gets an all-zero pattern row: TransformerLens replaces the NaN of an all ``-inf`` softmax by 0, so that head
 writes only its output bias at that position; no NaN reaches the residual stream.
 
-Groups come from :class:`~modality_circuits.spans.Spans` (``image``, ``context``, ``instruction``,
-``constraint``, ``system``, ``question``, ``last``, any segment name, or several as a list) or an explicit
-``Bool[Tensor, "batch pos"]`` mask.
+Groups are :data:`~modality_circuits.spans.GroupSpec` (a name such as ``image``, ``context``, ``instruction``,
+``constraint``, ``system``, ``question``, ``last``; several names; or a ``Bool[Tensor, "batch pos"]`` mask).
+:class:`Knockout` is the intervention; :func:`knockout` its context-manager form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .._types import Bool, Float
-from ..spans import Spans
-from .core import Hook, align_mask, check_heads, check_layers
+from ..models.forward_state import ForwardState
+from ..prompts import MLLMBatch
+from ..spans import GroupSpec, Spans, check_group_spec
+from .base import HookFn, Intervention, apply
+from .core import align_mask, check_heads, check_layers
 
-GroupLike = str | Sequence[str] | Tensor
-
-
-def group_mask(spans: Spans, group: GroupLike, allow_empty: bool = False) -> Bool[Tensor, "batch pos"]:
-    """A group name / list of names / explicit mask -> ``Bool[Tensor, "batch pos"]``."""
-    if isinstance(group, Tensor):
-        return group.bool()
-    return spans.mask(group if isinstance(group, str) else list(group), allow_empty=allow_empty)
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 
-def edge_mask(spans: Spans, src: GroupLike, dst: GroupLike, allow_empty: bool = False
+def edge_mask(spans: Spans, src: GroupSpec, dst: GroupSpec, allow_empty: bool = False
               ) -> Bool[Tensor, "batch q_pos k_pos"]:
     """True at (query in ``dst``, key in ``src``): the score entries a knockout removes."""
-    s = group_mask(spans, src, allow_empty)
-    d = group_mask(spans, dst, allow_empty)
+    s = spans.resolve(src, allow_empty)
+    d = spans.resolve(dst, allow_empty)
     return d[:, :, None] & s[:, None, :]
 
 
@@ -59,39 +58,77 @@ def mask_scores(scores: Float[Tensor, "batch n_heads q_pos k_pos"], mask: Tensor
     return scores.masked_fill(m, float("-inf"))
 
 
-def knockout_hooks(model: Any, spans: Spans, src: GroupLike, dst: GroupLike, layers: Sequence[int] | int,
-                   heads: Sequence[int] | None = None, allow_empty: bool = False) -> list[Hook]:
-    """Forward hooks that knock out ``src ↛ dst`` at ``layers`` (and only ``heads``, if given)."""
-    layers = check_layers(model, layers)
-    heads = check_heads(model, heads)
-    m = edge_mask(spans, src, dst, allow_empty)
+@dataclass(frozen=True, eq=False)
+class Knockout(Intervention):
+    """``src ↛ dst`` at ``layers`` (and only query heads ``heads`` of each, if given).
 
-    def hook(scores: Tensor, hook: Any) -> Tensor:
-        return mask_scores(scores, m, heads)
+    Attributes:
+        src, dst: key and query token groups (:data:`~modality_circuits.spans.GroupSpec`).
+        layers: a layer or layers (negative indices allowed).
+        heads: per-layer head indices to cut (None: all heads).
+        allow_empty: accept a group that is empty in some sample (that sample is then unchanged).
+    """
 
-    return [(f"blocks.{layer}.attn.hook_attn_scores", hook) for layer in layers]
+    src: GroupSpec
+    dst: GroupSpec
+    layers: int | Sequence[int]
+    heads: Sequence[int] | None = None
+    allow_empty: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "src", check_group_spec(self.src, "knockout source"))
+        object.__setattr__(self, "dst", check_group_spec(self.dst, "knockout destination"))
+        if not isinstance(self.layers, int):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def first_layer(self, model: HookedMLLM) -> int:
+        return min(check_layers(model, self.layers), default=model.cfg.n_layers)
+
+    def first_position(self, batch: MLLMBatch) -> int:
+        return batch.spans.first(self.dst)
+
+    def hooks(self, model: HookedMLLM, batch: MLLMBatch) -> list[tuple[str, HookFn]]:
+        layers = check_layers(model, self.layers)
+        heads = check_heads(model, self.heads)
+        m = edge_mask(batch.spans, self.src, self.dst, self.allow_empty)
+
+        def fn(scores: Tensor, state: ForwardState) -> Tensor:
+            return mask_scores(scores, m, heads)
+
+        return [(f"blocks.{layer}.attn.hook_attn_scores", fn) for layer in layers]
 
 
 @contextmanager
-def knockout(model: Any, spans: Spans, src: GroupLike, dst: GroupLike, layers: Sequence[int] | int,
-             heads: Sequence[int] | None = None, allow_empty: bool = False) -> Iterator[Any]:
+def knockout(model: HookedMLLM, spans_or_batch: Spans | MLLMBatch, src: GroupSpec, dst: GroupSpec,
+             layers: Sequence[int] | int, heads: Sequence[int] | None = None,
+             allow_empty: bool = False) -> Iterator[HookedMLLM]:
     """Context manager: every forward inside runs with ``src ↛ dst`` knocked out at ``layers``.
 
     Example::
 
-        with knockout(model, batch.spans, src="image", dst="instruction", layers=range(0, 2)):
+        with knockout(model, batch, src="image", dst="instruction", layers=range(0, 2)):
             cut = following_scores(model, batch)
     """
-    with model.hooks(fwd_hooks=knockout_hooks(model, spans, src, dst, layers, heads, allow_empty)):
+    batch = _as_batch(spans_or_batch)
+    with apply(model, batch, Knockout(src, dst, layers, heads, allow_empty)):
         yield model
 
 
-def block_mask_hooks(masks: dict[int, Tensor]) -> list[Hook]:
-    """Hooks from precomputed per-layer score masks ``{layer: Bool[rows, (n_heads,) L, L]}`` (batched sweeps)."""
+def knockout_hooks(model: HookedMLLM, spans: Spans | MLLMBatch, src: GroupSpec, dst: GroupSpec,
+                   layers: Sequence[int] | int, heads: Sequence[int] | None = None,
+                   allow_empty: bool = False) -> list[tuple[str, Any]]:
+    """TransformerLens forward hooks of :class:`Knockout` (for ``model.hooks(...)`` / ``run_with_hooks``)."""
+    from .base import config_hooks
 
-    def make(m: Tensor):
-        def hook(scores: Tensor, hook: Any) -> Tensor:
-            return mask_scores(scores, m)
-        return hook
+    return config_hooks(model, _as_batch(spans), [Knockout(src, dst, layers, heads, allow_empty)])
 
-    return [(f"blocks.{layer}.attn.hook_attn_scores", make(m)) for layer, m in masks.items()]
+
+def _as_batch(spans_or_batch: Spans | MLLMBatch) -> MLLMBatch:
+    """A batch, or a stand-in carrying only spans (interventions built from spans read nothing else)."""
+    if isinstance(spans_or_batch, MLLMBatch):
+        return spans_or_batch
+    if not isinstance(spans_or_batch, Spans):
+        raise TypeError(f"Expected an MLLMBatch or Spans, got {type(spans_or_batch).__name__}.")
+    s = spans_or_batch
+    dummy = torch.zeros(s.batch_size, s.seq_len, dtype=torch.long)
+    return MLLMBatch(tokens=dummy - 1, attention_mask=torch.ones_like(dummy), spans=s)

@@ -21,7 +21,7 @@ from ..errors import UnsupportedArchitectureError
 from ..prompts import ChatTemplate
 from .rope import RopeSpec, install_hf_rotary
 
-ADAPTERS: dict[str, type["Adapter"]] = {}
+ADAPTERS: dict[str, type[Adapter]] = {}
 
 
 @dataclass(frozen=True)
@@ -38,16 +38,15 @@ class ImageGrid:
         return self.rows * self.cols + int(self.has_cls)
 
 
-def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator: register an adapter under its ``hf_class`` name(s)."""
     for name in cls.hf_classes:
         ADAPTERS[name] = cls
     return cls
 
 
-def adapter_for(hf_class_name: str) -> type["Adapter"]:
-    from . import llava, qwen2_5_vl, qwen2_vl  # noqa: F401  (architectures register on import)
-
+def adapter_for(hf_class_name: str) -> type[Adapter]:
+    """The registered adapter of an HF class name (architecture files register when ``models`` is imported)."""
     if hf_class_name not in ADAPTERS:
         raise UnsupportedArchitectureError(
             f"Architecture {hf_class_name!r} is not supported. Supported architectures: {sorted(ADAPTERS)}. "
@@ -60,6 +59,8 @@ class Adapter(nn.Module):
     """Architecture-specific parts of a HookedMLLM. Subclasses set ``hf_classes`` and implement the methods."""
 
     hf_classes: ClassVar[tuple[str, ...]] = ()
+    #: True when rotary positions depend on the images (M-RoPE): runs that do not start from the tokens need them.
+    uses_rope_positions: ClassVar[bool] = False
     image_token: str
     image_token_id: int
 

@@ -17,8 +17,9 @@ dropped once converted, so loading peaks near one copy of the weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import einops
 import torch
@@ -34,7 +35,8 @@ IGNORED_FIELDS: dict[str, str] = {
     "model_type": "selects the converter", "dtype": "weights are loaded in the dtype asked for",
     "output_hidden_states": "an HF output option", "output_attentions": "an HF output option",
     "return_dict": "an HF output option", "use_cache": "an HF generation option",
-    "chunk_size_feed_forward": "not read by these decoders", "is_encoder_decoder": "not read by these decoder-only models",
+    "chunk_size_feed_forward": "not read by these decoders",
+    "is_encoder_decoder": "not read by these decoder-only models",
     "id2label": "classification heads only", "label2id": "classification heads only",
     "problem_type": "classification heads only", "initializer_range": "random initialisation only",
     "pad_token_id": "a tokenizer id; the forward does not read it",

@@ -15,9 +15,11 @@ Batches are left-padded with an attention mask; rotary positions follow the mask
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,12 +28,13 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.hook_points import HookPoint
 
 from .._types import Float, Int
-from ..errors import ImageTokenMismatchError, NumericalError
 from ..chat_template import HFChatTemplate, checkpoint_template
+from ..errors import ImageTokenMismatchError, NumericalError
 from ..prompts import ChatTemplate, MLLMBatch, Segment, build_batch, split_placeholders
 from .base import Adapter
 from .decoders import build_cfg, load_decoder
 from .devices import check_n_devices, placement
+from .forward_state import ForwardState, forward_scope
 from .rope import RopeSpec
 
 logger = logging.getLogger(__name__)
@@ -56,8 +59,6 @@ class HookedMLLM(HookedTransformer):
         fallback = image_encoder.default_template()  # hand-written layout: only for tokenizers without a template
         self.template = template or checkpoint_template(tokenizer, image_encoder.image_token, fallback.sep) or fallback
         self.source = source
-        self.pos_offset = 0  # set by every forward: number of KV-cached positions before the input
-        self.rope_positions: Tensor | None = None  # M-RoPE positions of the last full prompt (adapter-defined)
         image_encoder.install(self, rope)
         self.setup()
 
@@ -67,7 +68,7 @@ class HookedMLLM(HookedTransformer):
                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                 template: ChatTemplate | None = None, fold_ln: bool = False, center_writing_weights: bool = False,
                 center_unembed: bool = False, fold_value_biases: bool = False, source: str = "<in-memory>",
-                n_devices: int = 1) -> "HookedMLLM":
+                n_devices: int = 1) -> HookedMLLM:
         """Convert an in-memory HF MLLM. The HF decoder's weights are copied; the vision parts are shared.
 
         Weight processing (``fold_ln`` …) is off by default so logits equal HF's; turn it on as in TL.
@@ -83,7 +84,7 @@ class HookedMLLM(HookedTransformer):
     def _convert(cls, hf_model: torch.nn.Module, tokenizer: Any, image_processor: Any, *, dtype: torch.dtype | None,
                  device: str | torch.device | None, template: ChatTemplate | None, fold_ln: bool,
                  center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool, source: str,
-                 free_source: bool = False, n_devices: int = 1) -> "HookedMLLM":
+                 free_source: bool = False, n_devices: int = 1) -> HookedMLLM:
         """The conversion; ``free_source`` releases each HF decoder layer once copied (loader-owned models)."""
         from .base import adapter_for
 
@@ -114,7 +115,7 @@ class HookedMLLM(HookedTransformer):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str = torch.float32,  # type: ignore[override]
                         device: str | torch.device = "cpu", allow_pickle: bool = False, **kwargs: Any,
-                        ) -> "HookedMLLM":
+                        ) -> HookedMLLM:
         """Load a local HF checkpoint directory (safetensors; never the hub).
 
         Args:
@@ -174,7 +175,15 @@ class HookedMLLM(HookedTransformer):
             segs = [list(p) for p in prompts]
         batch = build_batch(segs, self.tokenizer, template, self.image_encoder.image_token,
                             self.image_encoder.process_images, samples=samples)
+        batch = dataclasses.replace(batch, rope_positions=self.image_encoder.rope_positions(
+            batch.tokens, batch.attention_mask, batch.model_inputs))
         return batch.to(self.cfg.device)
+
+    def rope_positions_of(self, batch: MLLMBatch) -> Tensor | None:
+        """The batch's rotary positions (computed from its tokens if it carries none; None for 1-D rotary)."""
+        if batch.rope_positions is not None or not self.image_encoder.uses_rope_positions:
+            return batch.rope_positions
+        return self.image_encoder.rope_positions(batch.tokens, batch.attention_mask, batch.model_inputs)
 
     # ================================================================== forward
     def embed_inputs(self, tokens: Int[Tensor, "batch pos"], image_features: Tensor | None = None,
@@ -223,8 +232,10 @@ class HookedMLLM(HookedTransformer):
             image_features: precomputed ``[img_tok, d_model]`` features (skip the vision tower).
             check_finite: raise :class:`NumericalError` if the logits hold NaN/inf.
             rope_positions: architecture rotary positions of the whole prompt (M-RoPE: ``[3, batch, pos]``);
-                computed from the tokens by the adapter when a full prompt is given, kept for cached
-                continuations and for ``start_at_layer`` runs of the same prompt.
+                taken from the batch, or computed from the tokens when a full prompt is given. Runs that start at
+                a layer or continue a KV cache must pass them (M-RoPE architectures refuse to guess). They are
+                published to the attention for this call only (:mod:`~.forward_state`): no forward depends on
+                an earlier one.
         """
         if isinstance(input, (str, list)) and (isinstance(input, str) or (input and isinstance(input[0], str))):
             input = self.prepare([input] if isinstance(input, str) else input,
@@ -233,10 +244,13 @@ class HookedMLLM(HookedTransformer):
             batch = input
             tokens = batch.tokens
             attention_mask = batch.attention_mask if attention_mask is None else attention_mask
+            if rope_positions is None and not encoder_inputs:  # overridden inputs: recompute (and check) below
+                rope_positions = self.rope_positions_of(batch)
             encoder_inputs = {**batch.model_inputs, **encoder_inputs}
             input = tokens
-        # absolute position of the first input position (cached prefix length); hooks read it to align masks
-        self.pos_offset = int(past_kv_cache.previous_attention_mask.shape[1]) if past_kv_cache is not None else 0
+        # absolute position of the first input position (cached prefix length), published to hooks below
+        offset = int(past_kv_cache.previous_attention_mask.shape[1]) if past_kv_cache is not None else 0
+        from_prompt_start = start_at_layer is None and offset == 0
         if start_at_layer is None:
             tokens = input
             if tokens.dim() == 1:
@@ -245,7 +259,7 @@ class HookedMLLM(HookedTransformer):
             residual = self.embed_inputs(tokens, image_features=image_features, **encoder_inputs)
             if attention_mask is None:
                 attention_mask = torch.ones_like(tokens)
-            if rope_positions is None and self.pos_offset == 0:
+            if rope_positions is None and offset == 0:
                 rope_positions = self.image_encoder.rope_positions(tokens, attention_mask.to(tokens.device),
                                                                    encoder_inputs)
             if past_kv_cache is not None:
@@ -255,12 +269,16 @@ class HookedMLLM(HookedTransformer):
             residual = input
             if past_kv_cache is not None and attention_mask is not None:
                 attention_mask = past_kv_cache.append_attention_mask(attention_mask)
-        if rope_positions is not None:
-            self.rope_positions = rope_positions
-        out = super().forward(residual, return_type=return_type, start_at_layer=start_at_layer,
-                              stop_at_layer=stop_at_layer, past_kv_cache=past_kv_cache,
-                              attention_mask=attention_mask.to(self.cfg.device) if attention_mask is not None
-                              else None, tokens=tokens, loss_per_token=loss_per_token)
+        if rope_positions is None and self.image_encoder.uses_rope_positions and not from_prompt_start:
+            raise ImageTokenMismatchError(
+                f"{type(self.image_encoder).__name__}'s rotary positions depend on the prompt's images, and this run "
+                "does not start from the prompt's tokens (start_at_layer or a KV cache): pass "
+                "rope_positions=batch.rope_positions (batches from model.prepare(...) carry them).")
+        with forward_scope(ForwardState(offset=offset, rope_positions=rope_positions)):
+            out = super().forward(residual, return_type=return_type, start_at_layer=start_at_layer,
+                                  stop_at_layer=stop_at_layer, past_kv_cache=past_kv_cache,
+                                  attention_mask=attention_mask.to(self.cfg.device) if attention_mask is not None
+                                  else None, tokens=tokens, loss_per_token=loss_per_token)
         if check_finite and isinstance(out, Tensor) and not torch.isfinite(out).all():
             raise NumericalError("The forward pass produced NaN/inf logits. Try float32 (dtype=torch.float32), "
                                  "and check that no hook writes NaN (e.g. a fully masked attention row).")
@@ -284,6 +302,7 @@ class HookedMLLM(HookedTransformer):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or 0)
         B = len(batch)
         mask = batch.attention_mask.to(self.cfg.device)
+        rope = self.rope_positions_of(batch)
         finished = torch.zeros(B, dtype=torch.bool, device=self.cfg.device)
         out = []
         if use_past_kv_cache:
@@ -306,11 +325,12 @@ class HookedMLLM(HookedTransformer):
             if finished.all() or len(out) == max_new_tokens:
                 break
             if use_past_kv_cache:
-                logits = self(nxt[:, None], attention_mask=torch.ones_like(nxt)[:, None], past_kv_cache=cache)
+                logits = self(nxt[:, None], attention_mask=torch.ones_like(nxt)[:, None], past_kv_cache=cache,
+                              rope_positions=rope)
             else:
                 tokens = torch.cat([tokens, nxt[:, None]], 1)
                 mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
-                logits = self(tokens, attention_mask=mask, **batch.model_inputs)
+                logits = self(tokens, attention_mask=mask, rope_positions=rope, **batch.model_inputs)
         gen = torch.stack(out, 1)
         if return_type == "str":
             return self.tokenizer.batch_decode(gen, skip_special_tokens=True)

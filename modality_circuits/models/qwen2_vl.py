@@ -19,7 +19,6 @@ tokens (1 at image tokens), as the HF processor produces it; a caller-supplied o
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from ..errors import ImageTokenMismatchError
 from ..interventions.core import align_rows
 from ..prompts import ChatTemplate
 from .base import Adapter, ImageGrid, register_adapter
+from .forward_state import current
 from .rope import RopeSpec
 
 QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -75,42 +75,53 @@ def mrope_positions(tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor
     return pos
 
 
-def _mrope_apply_rotary(model: nn.Module, inv_freq: Tensor, sections: list[int], rope: RopeSpec):
-    """A replacement for TL's ``AbstractAttention.apply_rotary`` that reads ``model.rope_positions``."""
+def _mrope_apply_rotary(self: nn.Module, x: Float[Tensor, "batch pos head d_head"], past_kv_pos_offset: int = 0,
+                        attention_mask: Tensor | None = None) -> Tensor:
+    """M-RoPE ``apply_rotary`` of :class:`MRopeAttention`: positions from the running forward's state."""
+    n, q = x.shape[:2]
+    pos = current().rope_positions
+    if pos is None:  # text-only prompt: TL's 1-D positions from the attention mask
+        assert attention_mask is not None
+        p1 = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, past_kv_pos_offset:past_kv_pos_offset + q]
+        p = p1[None].expand(3, -1, -1)
+    else:
+        p = align_rows(pos.permute(1, 0, 2), n).permute(1, 0, 2)  # [3, n, L0]
+        need = past_kv_pos_offset + q - p.shape[2]
+        if need > 0:  # continuation beyond the prompt: text positions after the prompt's maximum
+            nxt = p.amax(dim=(0, 2))[None, :, None] + 1 + torch.arange(need, device=p.device)[None, None]
+            p = torch.cat([p, nxt.expand(3, -1, -1)], 2)
+        p = p[:, :, past_kv_pos_offset:past_kv_pos_offset + q]
+    rope: RopeSpec = self.mrope_spec
+    if p.numel():
+        rope.check_length(int(p.max()) + 1)  # HF's dynamic-rope length is max(position) + 1
+    freqs = p[..., None].to(x.device).float() * rope.inv_freq.to(x.device)  # [3, n, q, d/2]
+    f = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(self.mrope_sections, dim=-1))], dim=-1)
+    f = torch.cat([f, f], dim=-1)[:, :, None, :]  # [n, q, 1, d_head]
+    rd = f.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2:]
+    cos, sin = (f.cos() * rope.attention_scaling).to(x.dtype), (f.sin() * rope.attention_scaling).to(x.dtype)
+    rotated = x_rot * cos + torch.cat([-x2, x1], -1) * sin
+    return torch.cat([rotated, x_pass], -1)
 
-    def apply_rotary(self: nn.Module, x: Float[Tensor, "batch pos head d_head"], past_kv_pos_offset: int = 0,
-                     attention_mask: Tensor | None = None) -> Tensor:
-        n, q = x.shape[:2]
-        pos = model.rope_positions
-        if pos is None:  # text-only prompt: TL's 1-D positions from the attention mask
-            assert attention_mask is not None
-            p1 = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, past_kv_pos_offset:past_kv_pos_offset + q]
-            p = p1[None].expand(3, -1, -1)
-        else:
-            p = align_rows(pos.permute(1, 0, 2), n).permute(1, 0, 2)  # [3, n, L0]
-            need = past_kv_pos_offset + q - p.shape[2]
-            if need > 0:  # continuation beyond the prompt: text positions after the prompt's maximum
-                nxt = p.amax(dim=(0, 2))[None, :, None] + 1 + torch.arange(need, device=p.device)[None, None]
-                p = torch.cat([p, nxt.expand(3, -1, -1)], 2)
-            p = p[:, :, past_kv_pos_offset:past_kv_pos_offset + q]
-        if p.numel():
-            rope.check_length(int(p.max()) + 1)  # HF's dynamic-rope length is max(position) + 1
-        freqs = p[..., None].to(x.device).float() * inv_freq.to(x.device)  # [3, n, q, d/2]
-        f = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(sections, dim=-1))], dim=-1)
-        f = torch.cat([f, f], dim=-1)[:, :, None, :]  # [n, q, 1, d_head]
-        rd = f.shape[-1]
-        x_rot, x_pass = x[..., :rd], x[..., rd:]
-        x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2:]
-        cos, sin = (f.cos() * rope.attention_scaling).to(x.dtype), (f.sin() * rope.attention_scaling).to(x.dtype)
-        rotated = x_rot * cos + torch.cat([-x2, x1], -1) * sin
-        return torch.cat([rotated, x_pass], -1)
 
-    return apply_rotary
+_MROPE_CLASSES: dict[type, type] = {}
+
+
+def mrope_attention_class(cls: type) -> type:
+    """``cls`` (a TransformerLens attention class) with Qwen-VL's multimodal rotary embedding: ``apply_rotary``
+    reads the prompt's 3-D positions from the running forward (:mod:`~modality_circuits.models.forward_state`).
+    One subclass per attention class; built blocks switch to it when the model is built."""
+    if cls not in _MROPE_CLASSES:
+        _MROPE_CLASSES[cls] = type(f"MRope{cls.__name__}", (cls,), {
+            "apply_rotary": _mrope_apply_rotary, "__module__": __name__})
+    return _MROPE_CLASSES[cls]
 
 
 @register_adapter
 class Qwen2VLAdapter(Adapter):
     hf_classes = ("Qwen2VLForConditionalGeneration",)
+    uses_rope_positions = True
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any, image_processor: Any = None):
         super().__init__()
@@ -147,10 +158,10 @@ class Qwen2VLAdapter(Adapter):
         if rope is None:
             raise ImageTokenMismatchError("Qwen-VL's multimodal rotary embedding needs the text config's rope spec.")
         self.rope = rope
-        self.register_buffer("inv_freq", rope.inv_freq.clone(), persistent=False)
         for block in model.blocks:
-            block.attn.apply_rotary = types.MethodType(_mrope_apply_rotary(model, self.inv_freq, self.sections,
-                                                                           self.rope), block.attn)
+            attn = block.attn
+            attn.__class__ = mrope_attention_class(type(attn))
+            attn.mrope_spec, attn.mrope_sections = rope, list(self.sections)
 
     def image_grid(self, model_inputs: dict[str, Any], k: int) -> ImageGrid:
         t, h, w = (int(x) for x in model_inputs["image_grid_thw"][k])
@@ -184,7 +195,8 @@ class Qwen2VLAdapter(Adapter):
         dtype = next(self.visual.parameters()).dtype
         if pv.shape[0] != int(image_grid_thw.prod(-1).sum()):
             raise ImageTokenMismatchError(f"pixel_values has {pv.shape[0]} patches but image_grid_thw implies "
-                                          f"{int(image_grid_thw.prod(-1).sum())}; they must come from one processor call.")
+                                          f"{int(image_grid_thw.prod(-1).sum())}; they must come from one processor "
+                                          "call.")
         out = self.visual(pv.to(device=self.device, dtype=dtype), grid_thw=image_grid_thw.to(self.device))
         return out.pooler_output
 

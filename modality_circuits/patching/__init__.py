@@ -13,9 +13,21 @@
     metrics (logit difference, binary following score, callables), prefix-reusing batched runs, results.
 """
 
-from .activation import (COMPONENTS, activation_patch, patch_attn_out, patch_head_k, patch_head_out,
-                         patch_head_pattern, patch_head_q, patch_head_v, patch_image_embeds, patch_mlp_out,
-                         patch_resid_mid, patch_resid_post, patch_resid_pre)
+from .activation import (
+                         COMPONENTS,
+                         activation_patch,
+                         patch_attn_out,
+                         patch_head_k,
+                         patch_head_out,
+                         patch_head_pattern,
+                         patch_head_q,
+                         patch_head_v,
+                         patch_image_embeds,
+                         patch_mlp_out,
+                         patch_resid_mid,
+                         patch_resid_post,
+                         patch_resid_pre,
+)
 from .engine import METRICS, PatchResult
 from .pairs import PatchPair, align_batches, context_swap, image_swap, instruction_flip
 from .path import GroupResid, HeadInputs, HeadOutputs, ResidAt, path_patch, path_patch_heads

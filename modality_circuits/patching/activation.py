@@ -35,15 +35,27 @@ embeddings, as TransformerLens does).
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..engine import CleanRun
 from ..errors import InterventionError
 from ..interventions.core import check_heads, check_layers
-from .engine import (Metric, MetricLike, PatchResult, base_and_source, chunks, first_position, normalise, patch_hook,
-                     position_groups, position_labels, record_base, suffix_run)
+from ..metrics import MetricLike
+from .engine import (
+    PairMetric,
+    PatchResult,
+    base_and_source,
+    chunks,
+    first_position,
+    normalise,
+    patch_hook,
+    position_groups,
+    position_labels,
+)
 from .pairs import PatchPair
 
 logger = logging.getLogger(__name__)
@@ -174,11 +186,12 @@ def activation_patch(model: Any, pair: PatchPair, component: str = "resid_pre", 
         raise InterventionError(f"by={by!r} is not available for {component!r}; use one of {BY[kind]}.")
     lyrs = check_layers(model, range(model.cfg.n_layers) if layers is None else layers) if kind != "image" else []
     base_batch, src_batch = base_and_source(pair, direction)
-    met = Metric(model, pair, metric, first_token)
+    met = PairMetric(model, pair, metric, first_token)
     names = [hook_tpl.format(lyr) for lyr in lyrs] if kind != "image" else [hook_tpl]
     _, src_cache = model.run_with_cache(src_batch, names_filter=lambda n: n in names, return_type=None)
-    base, base_logits = (record_base(model, base_batch, keep_logits=met.fn is not None) if kind != "image"
-                         else (None, None))  # image features: every run starts at the embeddings
+    base = (CleanRun.record(model, base_batch, keep_logits=not met.reads_last_only) if kind != "image"
+            else None)  # image features: every run starts at the embeddings
+    base_logits = base.logits if base is not None else None
     clean_score = met.score(pair.clean)
     corr_score = met.score(pair.corrupted)
     targets, axes, labels = _targets(model, pair, component, kind, by, lyrs, heads, positions, groups)
@@ -197,10 +210,10 @@ def activation_patch(model: Any, pair: PatchPair, component: str = "resid_pre", 
             idx = [order[i] for i in ch]
             k = len(idx)
             run, prefix = _chunk_run(model, base, base_batch, base_logits, [targets[t] for t in idx], kind,
-                                     met.needs_cache, prefix_reuse, met.fn is None)
+                                     met.needs_cache, prefix_reuse, met.reads_last_only)
             active.clear()
             active.update(_chunk_hooks(model, base_batch, [targets[t] for t in idx], kind, hook_tpl, src_cache, k, L))
-            raw[idx] = met.evaluate(run, k, prefix)
+            raw[idx] = met.evaluate(run, k, base_batch, prefix)
             logger.debug("patched %s targets %s", component, idx)
         active.clear()
     shape = tuple(len(labels[a]) for a in axes)
@@ -233,7 +246,7 @@ def _chunk_run(model: Any, base: Any, base_batch: Any, base_logits: Tensor | Non
     p0 = min(first_position(t[1], kind) for t in targets) if prefix_reuse else 0
     p0 = min(p0, base_batch.seq_len - 1)
     prefix = base_logits[:, :p0] if base_logits is not None else None
-    return suffix_run(model, base, l0, p0, k, with_cache, last_only=last_only and prefix_reuse), prefix
+    return base.suffix_pass(model, l0, p0, k, with_cache, last_only=last_only and prefix_reuse), prefix
 
 
 def _chunk_hooks(model: Any, base_batch: Any, targets: list, kind: str, hook_tpl: str, src_cache: Any, k: int,

@@ -7,12 +7,13 @@ the entries of target ``j`` (:func:`patch_hook`).
 **Prefix reuse.** A patch at layer ``l`` and positions ``≥ p`` leaves every layer ``< l`` and every position
 ``< p`` of the base run unchanged (attention is causal), so the copies start at layer ``l0`` (the smallest
 patched layer of the chunk) from the base run's cached ``resid_pre[l0]``, and only positions ``p0 …`` are
-recomputed, with the base run's keys/values of positions ``< p0`` as a KV cache (:func:`suffix_run`, built on
-:class:`~modality_circuits.sweeps.prefix.CleanRun`). Image tokens never pass the vision tower again. With the
-named metrics (which read only the last position's logits) the final block runs attention and MLP only at the
-last position and just keys/values elsewhere (``last_only``).
+recomputed, with the base run's keys/values of positions ``< p0`` as a KV cache
+(:meth:`modality_circuits.engine.CleanRun.suffix_pass`, the engine every analysis shares). Image tokens never
+pass the vision tower again. With the named metrics (which read only the last position's logits) the final block
+runs attention and MLP only at the last position and just keys/values elsewhere (``last_only``).
 
-**Metrics** (:class:`Metric`), computed per copy as the mean over the pair's rows:
+**Metrics** (:class:`PairMetric` over :mod:`modality_circuits.metrics`), computed per copy as the mean over the
+pair's rows:
 
 * ``"logit_diff"``: ``logp(clean answer) − logp(corrupted answer)`` (full answers as continuations of the
   prompt, or first tokens only with ``first_token=True``, where it is the first-token logit difference);
@@ -25,28 +26,26 @@ Normalised scores map the corrupted run to 0 and the clean run to 1: ``(m − m_
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from ..errors import AnswerError, InterventionError, NumericalError
 from ..interventions.core import align_rows
-from ..metrics import answer_logprobs, tokenize_answer
+from ..metrics import MetricLike, PromptPass, as_metric, tokenize_answer
+from ..models.forward_state import current
 from ..prompts import MLLMBatch
-from ..sweeps.prefix import CleanRun
 from .pairs import PatchPair
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("logit_diff", "p_binary")
 DIRECTIONS = ("denoise", "noise")
-MetricLike = str | Callable[[Tensor], Tensor | float]
 
 
 def check_direction(direction: str) -> str:
@@ -62,80 +61,49 @@ def base_and_source(pair: PatchPair, direction: str) -> tuple[MLLMBatch, MLLMBat
 
 
 # ------------------------------------------------------------------------------------------------ metric
-class Metric:
-    """A named or callable metric bound to a pair (see module doc)."""
+class PairMetric:
+    """A :class:`~modality_circuits.metrics.Metric` bound to a pair, reduced to one value per copy (the mean over
+    the pair's rows). Named answer metrics score the pair's ``(clean answer, corrupted answer)``."""
 
     def __init__(self, model: Any, pair: PatchPair, metric: MetricLike = "logit_diff", first_token: bool = False):
-        self.model, self.pair, self.first_token = model, pair, first_token
-        if callable(metric):
-            self.fn: Callable | None = metric
-            self.name = getattr(metric, "__name__", "custom")
-            self.single = True
-            return
-        if metric not in METRICS:
-            raise InterventionError(f"Unknown metric {metric!r}; use one of {METRICS} or a callable "
+        self.model, self.pair = model, pair
+        named = isinstance(metric, str)
+        if named and metric not in METRICS:
+            raise InterventionError(f"Unknown metric {metric!r}; use one of {METRICS}, a Metric, or a callable "
                                     "f(logits [batch, pos, vocab]) -> scalar.")
-        if pair.answers is None:
+        if named and pair.answers is None:
             raise AnswerError("The pair carries no answers; build it from samples, pass answers=[(clean, corrupted), "
                               "…] to PatchPair, or use a callable metric on logits.")
-        self.fn, self.name = None, metric
-        ids = [[tokenize_answer(model.tokenizer, a, f" (row {i})") for a in row] for i, row in enumerate(pair.answers)]
-        for i, (a, b) in enumerate(ids):
-            if first_token and a[0] == b[0]:
-                raise AnswerError(f"Row {i}: the two answers {pair.answers[i]} share their first token; the "
-                                  "first-token metric is 0 there. Use first_token=False or other answers.")
-        self.single = first_token or all(len(x) == 1 for row in ids for x in row)
-        self.first_ids = torch.tensor([[a[0], b[0]] for a, b in ids], device=model.cfg.device)  # [batch, 2]
-
-    @property
-    def needs_cache(self) -> bool:
-        """Whether runs must return a KV cache (multi-token answers are scored as continuations)."""
-        return self.fn is None and not self.single
-
-    def _reduce(self, lp: Tensor, k: int) -> Tensor:
-        ld = (lp[:, 0] - lp[:, 1]).view(k, -1)
-        return (ld if self.name == "logit_diff" else torch.sigmoid(ld)).mean(1)
+        self.metric = as_metric(metric, first_token=first_token if named else None,
+                                answers=pair.answers if named else None)
+        self.name = metric if named else self.metric.name
+        if named and first_token:
+            for i, (a, b) in enumerate(pair.answers):
+                if tokenize_answer(model.tokenizer, a)[0] == tokenize_answer(model.tokenizer, b)[0]:
+                    raise AnswerError(f"Row {i}: the two answers {pair.answers[i]} share their first token; the "
+                                      "first-token metric is 0 there. Use first_token=False or other answers.")
+        self.needs_cache = self.metric.needs_cache(model, pair.clean)
+        self.reads_last_only = self.metric.reads_last_only
 
     @torch.no_grad()
     def score(self, batch: MLLMBatch) -> float:
         """The metric of an unpatched run of ``batch``."""
-        if self.fn is not None:
-            return _scalar(self.fn(self.model(batch)))
-        lp = answer_logprobs(self.model, batch, self.pair.answers, first_token=self.first_token)
-        return float(self._reduce(lp, 1)[0])
+        return float(self.metric(self.model, batch).float().mean())
 
     @torch.no_grad()
-    def evaluate(self, run: Callable[[], tuple[Tensor, Any]], k: int, prefix_logits: Tensor | None = None) -> Tensor:
-        """Metric of each of ``k`` copies, ``Float[Tensor, "k"]``.
+    def evaluate(self, run: PromptPass, k: int, base_batch: MLLMBatch, prefix_logits: Tensor | None = None
+                 ) -> Tensor:
+        """Metric of each of ``k`` copies of ``base_batch``, ``Float[Tensor, "k"]``.
 
         Args:
             run: a prompt pass over the ``k`` copies returning ``(logits of the positions it ran, KV cache)``.
-            prefix_logits: ``[batch, p0, vocab]`` logits of the positions the run skipped (callable metrics
-                see full-length logits).
+            prefix_logits: ``[batch, p0, vocab]`` logits of the positions the run skipped (logits metrics see
+                full-length logits).
         """
-        if self.fn is not None:
-            logits, _ = run()
-            if prefix_logits is not None and prefix_logits.shape[1]:
-                logits = torch.cat([align_rows(prefix_logits, logits.shape[0]).to(logits.dtype), logits], 1)
-            B = len(self.pair)
-            return torch.tensor([_scalar(self.fn(logits[j * B:(j + 1) * B])) for j in range(k)])
-        if self.single:  # first tokens only: read them off the last position (as answer_logprobs does)
-            logits, _ = run()
-            lp = logits[:, -1].float().log_softmax(-1).gather(1, self.first_ids.repeat(k, 1).to(logits.device))
-        else:
-            lp = answer_logprobs(self.model, self.pair.clean, list(self.pair.answers) * k,
-                                 first_token=self.first_token, prompt_pass=run)
-        if not torch.isfinite(lp).all():
-            raise NumericalError("Patched answer log-probabilities contain NaN/inf; check the model dtype (float32).")
-        return self._reduce(lp, k).cpu()
-
-
-def _scalar(x: Tensor | float) -> float:
-    if isinstance(x, Tensor):
-        if x.numel() != 1:
-            x = x.float().mean()
-        return float(x)
-    return float(x)
+        vals = self.metric(self.model, base_batch, prompt_pass=run, copies=k, clean_logits=prefix_logits)
+        if not torch.isfinite(vals).all():
+            raise NumericalError("Patched metric values contain NaN/inf; check the model dtype (float32).")
+        return vals.float().mean(1).cpu()
 
 
 def normalise(raw: Tensor, clean: float, corrupted: float) -> Tensor:
@@ -146,91 +114,6 @@ def normalise(raw: Tensor, clean: float, corrupted: float) -> Tensor:
                        "pair whose answers the two runs prefer differently.", clean)
         return torch.full_like(raw, float("nan"))
     return (raw - corrupted) / gap
-
-
-# ------------------------------------------------------------------------------------------------- runs
-@torch.no_grad()
-def record_base(model: Any, batch: MLLMBatch, keep_logits: bool = False) -> tuple[CleanRun, Tensor | None]:
-    """``resid_pre``/keys/values of every layer of an unpatched run (and its logits if asked)."""
-    n = model.cfg.n_layers
-    want = {f"blocks.{i}.hook_resid_pre" for i in range(n)} | {f"blocks.{i}.attn.hook_k" for i in range(n)} | {
-        f"blocks.{i}.attn.hook_v" for i in range(n)}
-    logits, cache = model.run_with_cache(batch, names_filter=lambda name: name in want,
-                                         return_type="logits" if keep_logits else None)
-    run = CleanRun(batch, [cache[f"blocks.{i}.hook_resid_pre"] for i in range(n)],
-                   [cache[f"blocks.{i}.attn.hook_k"] for i in range(n)],
-                   [cache[f"blocks.{i}.attn.hook_v"] for i in range(n)], getattr(model, "rope_positions", None))
-    return run, logits
-
-
-_QK_NORM_ARCHS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-
-
-def can_split_last_block(model: Any) -> bool:
-    """Whether the final block is a plain pre-norm block (``resid_pre → ln1 → attention → MLP``) whose keys and
-    values :func:`suffix_run` may compute on their own (``last_only``)."""
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-
-    c = model.cfg
-    return not (c.use_attn_in or c.use_split_qkv_input or c.parallel_attn_mlp or c.attn_only
-                or c.positional_embedding_type == "shortformer" or getattr(c, "clip_qkv", None) is not None
-                or c.original_architecture in POST_NORM_ARCHITECTURES or c.original_architecture in _QK_NORM_ARCHS)
-
-
-def suffix_run(model: Any, base: CleanRun, l0: int, p0: int, k: int, with_cache: bool,
-               stop_at_layer: int | None = None, last_only: bool = False) -> Callable[[], tuple[Tensor, Any]]:
-    """A prompt pass over ``k`` copies of the base batch starting at layer ``l0`` and position ``p0``.
-
-    Returns ``(output of positions p0…, KV cache of all prompt positions or None)``; the output is the logits, or
-    the residual stream before layer ``stop_at_layer``.
-
-    ``last_only`` (for metrics that read only the last position's logits): the final block runs its attention and
-    MLP only at the last position; at the other positions it computes just the keys and values (the last query
-    and answer continuations read them). The output is then the last position's logits ``[rows, 1, vocab]``, and
-    activations of the final block other than ``resid_pre``/``q``/``k``/``v`` exist only at the last position —
-    they influence nothing else.
-    """
-    mask = base.batch.attention_mask.to(model.cfg.device)
-    L = mask.shape[1]
-    n = model.cfg.n_layers
-    p0 = max(0, min(int(p0), L - 1))
-    extra = {} if base.rope_positions is None else {"rope_positions": base.rope_positions}
-    split = last_only and stop_at_layer is None and p0 < L - 1 and can_split_last_block(model)
-
-    def rep(t: Tensor) -> Tensor:
-        return t.repeat(k, *([1] * (t.dim() - 1)))
-
-    def run() -> tuple[Tensor, Any]:
-        if p0 == 0 and not with_cache and not split:
-            out = model(rep(base.resid[l0]), start_at_layer=l0, stop_at_layer=stop_at_layer,
-                        attention_mask=rep(mask), **extra)
-            return out, None
-        entries = []
-        for layer in range(n):
-            upto = p0 if layer >= l0 else L  # layers below l0 never run again: keep every position
-            entries.append(TransformerLensKeyValueCacheEntry(rep(base.keys[layer][:, :upto]),
-                                                             rep(base.values[layer][:, :upto])))
-        cache = TransformerLensKeyValueCache(entries, rep(mask[:, :p0]).to(torch.int))
-        if not split:
-            out = model(rep(base.resid[l0][:, p0:]), start_at_layer=l0, stop_at_layer=stop_at_layer,
-                        attention_mask=rep(mask[:, p0:]), past_kv_cache=cache, **extra)
-            return out, (cache if with_cache else None)
-        if l0 < n - 1:  # layers l0 … n-2 on positions p0 …: the final block's input
-            x = model(rep(base.resid[l0][:, p0:]), start_at_layer=l0, stop_at_layer=n - 1,
-                      attention_mask=rep(mask[:, p0:]), past_kv_cache=cache, **extra)
-        else:
-            x = rep(base.resid[n - 1][:, p0:])
-        blk = model.blocks[n - 1]
-        model.pos_offset = p0  # hooks of the final block align their position masks to it
-        h = blk.ln1(blk.hook_resid_pre(x[:, :-1]))
-        _, kk, vv = blk.attn.calculate_qkv_matrices(h, h, h)
-        cache.entries[n - 1].append(kk, vv)
-        cache.previous_attention_mask = rep(mask[:, :L - 1]).to(torch.int)
-        out = model(x[:, -1:], start_at_layer=n - 1, attention_mask=rep(mask[:, L - 1:]), past_kv_cache=cache,
-                    **extra)
-        return out, (cache if with_cache else None)
-
-    return run
 
 
 # ------------------------------------------------------------------------------------------------ hooks
@@ -246,12 +129,12 @@ def patch_hook(model: Any, kind: str, mask: Tensor, src: Tensor, prompt_len: int
 
     ``mask`` has one row per run row (``k·B``); ``src``/``fallback`` are in prompt coordinates with ``B`` or
     ``k·B`` rows (repeated config-major). Activations of positions beyond the prompt (answer continuations) pass
-    unchanged; a KV-cached run's first query is absolute position ``model.pos_offset``.
+    unchanged; a KV-cached run's first query is absolute position ``ForwardState.offset`` of the running forward.
     """
     n_rows = mask.shape[0]
 
     def hook(act: Tensor, hook: Any) -> Tensor:
-        off = int(getattr(model, "pos_offset", 0))
+        off = current().offset
         if off >= prompt_len:
             return act
         if kind == "image":
@@ -377,5 +260,5 @@ def position_groups(batch: MLLMBatch, positions: Sequence[int], row: int = 0) ->
     return out
 
 
-__all__ = ["DIRECTIONS", "METRICS", "Metric", "PatchResult", "base_and_source", "chunks", "first_position",
-           "normalise", "patch_hook", "position_groups", "position_labels", "record_base", "suffix_run"]
+__all__ = ["DIRECTIONS", "METRICS", "PairMetric", "PatchResult", "base_and_source", "chunks", "first_position",
+           "normalise", "patch_hook", "position_groups", "position_labels"]

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,7 +116,7 @@ class PatchPair:
             raise SpanError(f"Token group {group!r} sits at different positions in the clean and corrupted batches.")
         return m
 
-    def select(self, index: Sequence[int]) -> "PatchPair":
+    def select(self, index: Sequence[int]) -> PatchPair:
         index = list(index)
         return PatchPair(self.clean.select(index), self.corrupted.select(index),
                          [self.answers[i] for i in index] if self.answers is not None else None, self.kind,
@@ -124,7 +125,7 @@ class PatchPair:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_batches(cls, clean: MLLMBatch, corrupted: MLLMBatch, answers: Sequence[tuple[str, str]] | None = None,
-                     kind: str = "custom", align: bool = False, pad_token_id: int = 0) -> "PatchPair":
+                     kind: str = "custom", align: bool = False, pad_token_id: int = 0) -> PatchPair:
         """A pair from two prepared batches.
 
         Args:
@@ -159,7 +160,7 @@ class PatchPair:
     @classmethod
     def from_samples(cls, model: Any, clean: Sequence[Any], corrupted: Sequence[Any],
                      answers: Sequence[tuple[str, str]] | None = None, kind: str = "custom",
-                     align: bool = True) -> "PatchPair":
+                     align: bool = True) -> PatchPair:
         """A pair from two lists of samples (or segment lists), prepared with ``model`` and aligned."""
         if not clean or len(clean) != len(corrupted):
             raise SpanError(f"Need the same (non-zero) number of clean and corrupted prompts; got {len(clean)} and "
@@ -274,6 +275,8 @@ def _relayout(batch: MLLMBatch, layouts: list[list[int | None]], L: int, pad_id:
     tokens = torch.full((B, L), pad_id, dtype=batch.tokens.dtype, device=dev)
     attn = torch.zeros((B, L), dtype=batch.attention_mask.dtype, device=dev)
     masks = {n: torch.zeros((B, L), dtype=torch.bool, device=dev) for n in batch.spans.names}
+    rp_old = batch.rope_positions
+    rp = None if rp_old is None else torch.zeros(rp_old.shape[0], B, L, dtype=rp_old.dtype, device=rp_old.device)
     for i, lay in enumerate(layouts):
         off = L - len(lay)
         new = [off + j for j, p in enumerate(lay) if p is not None]
@@ -284,10 +287,12 @@ def _relayout(batch: MLLMBatch, layouts: list[list[int | None]], L: int, pad_id:
         attn[i, new_t] = 1
         for n in masks:
             masks[n][i, new_t] = batch.spans.masks[n][i, old_t].to(dev)
+        if rp is not None:  # real tokens keep their rotary positions; pad slots get 0 (as left padding does)
+            rp[:, i, new_t.to(rp.device)] = rp_old[:, i, old_t.to(rp.device)]
     if "last" in masks:
         masks["last"][:] = False
         masks["last"][:, -1] = True
-    return replace(batch, tokens=tokens, attention_mask=attn, spans=Spans(masks))
+    return replace(batch, tokens=tokens, attention_mask=attn, spans=Spans(masks), rope_positions=rp)
 
 
 def check_aligned(clean: MLLMBatch, corrupted: MLLMBatch) -> None:

@@ -29,17 +29,19 @@ every head as its own sender in batched runs (``[layer, head]``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..engine import CleanRun
 from ..errors import InterventionError
 from ..interventions.core import check_heads, check_layers
 from ..interventions.heads import normalize_heads
-from .engine import (Metric, MetricLike, PatchResult, base_and_source, chunks, normalise, patch_hook, record_base,
-                     suffix_run)
+from ..metrics import MetricLike
+from .engine import PairMetric, PatchResult, base_and_source, chunks, normalise, patch_hook
 from .pairs import PatchPair
 
 logger = logging.getLogger(__name__)
@@ -184,7 +186,7 @@ def _path_patch_sets(model: Any, pair: PatchPair, sender_sets: list[tuple[dict, 
         raise InterventionError(f"freeze must be one of {FREEZE}; got {freeze!r}.")
     base_batch, src_batch = base_and_source(pair, direction)
     recv = _receivers(model, base_batch, receivers)
-    met = Metric(model, pair, metric, first_token)
+    met = PairMetric(model, pair, metric, first_token)
     n, B, L = model.cfg.n_layers, len(pair), pair.seq_len
     z_names = [f"blocks.{i}.attn.hook_z" for i in range(n)]
     # cache only what the runs read: senders' activations from the source run, frozen ones from the base run
@@ -197,7 +199,8 @@ def _path_patch_sets(model: Any, pair: PatchPair, sender_sets: list[tuple[dict, 
     if freeze == "heads+mlps":
         base_names |= {f"blocks.{i}.hook_mlp_out" for i in range(first, n)}
     _, base_cache = model.run_with_cache(base_batch, names_filter=lambda x: x in base_names, return_type=None)
-    base, base_logits = record_base(model, base_batch, keep_logits=met.fn is not None)
+    base = CleanRun.record(model, base_batch, keep_logits=not met.reads_last_only)
+    base_logits = base.logits
     clean_score, corr_score = met.score(pair.clean), met.score(pair.corrupted)
 
     raw = torch.full((len(sender_sets),), float("nan"))
@@ -243,19 +246,19 @@ def _path_patch_sets(model: Any, pair: PatchPair, sender_sets: list[tuple[dict, 
         recorded: dict[str, Tensor] = {}
 
         def record(act: Tensor, hook: Any) -> Tensor:
-            recorded[hook.name] = act.clone()
+            recorded[hook.name] = act.clone()  # noqa: B023 (used within this iteration)
             return act
 
         hooks += [(name, record) for name, _, _, _ in recv]
         with model.hooks(fwd_hooks=hooks):
-            suffix_run(model, base, l0, 0, k, with_cache=False, stop_at_layer=stop)()
+            base.suffix_pass(model, l0, 0, k, with_cache=False, stop_at_layer=stop)()
         # ---- run 3: base run with only the receivers' inputs replaced
         hooks3 = [(name, patch_hook(model, kind, m.repeat(k, *([1] * (m.dim() - 1))), recorded[name], L))
                   for name, kind, _, m in recv]
         p0 = min(r_p0, L - 1)
-        run = suffix_run(model, base, r_l0, p0, k, met.needs_cache, last_only=met.fn is None)
+        run = base.suffix_pass(model, r_l0, p0, k, met.needs_cache, last_only=met.reads_last_only)
         with model.hooks(fwd_hooks=hooks3):
-            raw[idx] = met.evaluate(run, k, base_logits[:, :p0] if base_logits is not None else None)
+            raw[idx] = met.evaluate(run, k, base_batch, base_logits[:, :p0] if base_logits is not None else None)
     return raw, clean_score, corr_score, met.name
 
 

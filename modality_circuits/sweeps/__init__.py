@@ -1,6 +1,6 @@
-"""Sweeps: batched, prefix-cached runs over layers × edges × heads × samples, returning tidy tables."""
+"""Sweeps: thin wrappers over the engine (:mod:`modality_circuits.engine`) that build intervention stacks over
+layers × edges × heads × samples and return tidy tables."""
 
 from .knockout import DEFAULT_EDGES, knockout_sweep
-from .prefix import CleanRun
 
-__all__ = ["DEFAULT_EDGES", "CleanRun", "knockout_sweep"]
+__all__ = ["DEFAULT_EDGES", "knockout_sweep"]

@@ -19,15 +19,17 @@ Everything comes back as one tidy table (one row per measurement) plus the selec
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..errors import InterventionError
-from ..interventions.heads import head_scale_hooks, mean_z
+from ..interventions.base import Intervention, apply
+from ..interventions.heads import ScaleHeads, mean_z
 from ..metrics import score_dataset
 from .heads import head_scores, score_matrix, select_heads
 
@@ -61,8 +63,9 @@ def split_samples(samples: Sequence[Any], select_frac: float, seed: int) -> tupl
     return [samples[i] for i in idx[:k]], [samples[i] for i in idx[k:]]
 
 
-def _followed(model: Any, samples: Sequence[Any], hooks: list, batch_size: int) -> torch.Tensor:
-    with model.hooks(fwd_hooks=hooks):
+def _followed(model: Any, samples: Sequence[Any], interventions: Sequence[Intervention], batch_size: int
+              ) -> torch.Tensor:
+    with apply(model, None, *interventions):
         return score_dataset(model, samples, batch_size, progress=False).followed
 
 
@@ -92,12 +95,11 @@ def heads_experiment(model: Any, conflict: Sequence[Any], general: Sequence[Any]
                                 "Give the pool samples their own ids.")
     sel_split, eval_split = split_samples(list(conflict), select_frac, seed)
     logger.info("head selection on %d samples, evaluation on %d disjoint samples", len(sel_split), len(eval_split))
-    scores = head_scores(model, sel_split, method=method, mode=mode, batch_size=batch_size, progress=progress)
+    baseline = mean_z(model, list(sel_split), batch_size) if mode == "mean" else None
+    scores = head_scores(model, sel_split, method=method, mode=mode, batch_size=batch_size, baseline=baseline,
+                         progress=progress)
     selected = select_heads(score_matrix(scores, select_condition), pct)
     randoms = random_head_sets(model.cfg.n_layers, model.cfg.n_heads, len(selected), n_random, seed + 1)
-    baseline = None
-    if mode == "mean":
-        baseline = mean_z(model, model.prepare(list(sel_split[:batch_size])))
 
     rows: list[dict] = []
 
@@ -122,11 +124,11 @@ def heads_experiment(model: Any, conflict: Sequence[Any], general: Sequence[Any]
             logger.warning("condition %s: no failed samples to amplify (all %d follow the instruction); "
                            "restore rates are not defined", cond, len(ev) + len(pool))
         for name, draw, hs in sets:
-            blocked = _followed(model, ev, head_scale_hooks(model, hs, 0.0, baseline=baseline), batch_size)
+            blocked = _followed(model, ev, [ScaleHeads(hs, 0.0, baseline=baseline)], batch_size)
             add(cond, "mfr", "block", name, float(blocked.float().mean()), len(ev), draw=draw)
             for a in alphas:
                 if failed:
-                    amp = _followed(model, failed, head_scale_hooks(model, hs, a), batch_size)
+                    amp = _followed(model, failed, [ScaleHeads(hs, a)], batch_size)
                     add(cond, "restored", "amplify", name, float(amp.float().mean()), len(failed), alpha=a, draw=draw)
                 else:
                     add(cond, "restored", "amplify", name, float("nan"), 0, alpha=a, draw=draw)
@@ -134,7 +136,7 @@ def heads_experiment(model: Any, conflict: Sequence[Any], general: Sequence[Any]
         g = [s for s in general if s.kind == kind]
         add(kind, "accuracy", "none", "none", float(_followed(model, g, [], batch_size).float().mean()), len(g))
         for name, draw, hs in sets:
-            acc = _followed(model, g, head_scale_hooks(model, hs, 0.0, baseline=baseline), batch_size)
+            acc = _followed(model, g, [ScaleHeads(hs, 0.0, baseline=baseline)], batch_size)
             add(kind, "accuracy", "block", name, float(acc.float().mean()), len(g), draw=draw)
     return HeadExperimentResult(pd.DataFrame(rows), scores, selected, randoms,
                                 {"selection": [s.id for s in sel_split], "evaluation": [s.id for s in eval_split]})

@@ -18,7 +18,8 @@ All scores are oriented so that **higher = more important for following the inst
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,83 +27,63 @@ import torch
 from torch import Tensor
 
 from .._types import Float
+from ..engine import CleanRun, chunked, run
 from ..errors import InterventionError
-from ..interventions.heads import mean_z, scale_tensor_hooks
+from ..interventions.heads import ScaleHeads, mean_z
 from ..lens import _answer_dirs, _final_norm_weight
-from ..metrics import following_scores, iter_batches, relative_change
-from .prefix import CleanRun
+from ..metrics import AnswerMetric, iter_batches, relative_change
+from ..spans import GroupSpec
 
 METHODS = ("ablation", "attribution", "dla", "attention")
 
 
-def _first_token_ld(model: Any, logits: Tensor, f: Tensor, c: Tensor) -> Tensor:
+def _first_token_ld(logits: Tensor, f: Tensor, c: Tensor) -> Tensor:
     last = logits[:, -1]
     return last.gather(1, f[:, None])[:, 0] - last.gather(1, c[:, None])[:, 0]
 
 
+LOGPROBS = AnswerMetric("logprobs")
+
+
+def _scores(lp: Tensor) -> tuple[Tensor, Tensor]:
+    """``[..., 4]`` (full f, full c, first f, first c) -> (binary following probability, first-token LD)."""
+    return torch.sigmoid(lp[..., 0] - lp[..., 1]), lp[..., 2] - lp[..., 3]
+
+
 @torch.no_grad()
-def ablation_scan_batch(model: Any, batch: Any, mode: str = "zero", positions: str | Sequence[str] | None = None,
-                        method: str = "cached", first_token: bool = False,
-                        baseline: Tensor | None = None) -> dict[str, Float[Tensor, "layer n_heads batch"]]:
-    """Exact effect of ablating each head, for one batch.
+def ablation_scan_batch(model: Any, batch: Any, mode: str = "zero", positions: GroupSpec | None = None,
+                        first_token: bool = False, baseline: Tensor | None = None,
+                        max_configs: int | None = None) -> dict[str, Float[Tensor, "layer n_heads batch"]]:
+    """Exact effect of ablating each head, for one batch: a thin wrapper over :func:`modality_circuits.engine.run`
+    (the heads of a layer side by side, one copy of the batch per head, from that layer and the first ablated
+    position).
 
     Returns ``{"delta": relative change of p_binary, "d_logit": change of first-token LD}`` as
-    ``[layer, n_heads, batch]`` tensors.
+    ``[layer, n_heads, batch]`` tensors. ``baseline`` (mean mode): ``[layer, n_heads, d_head]``, default the mean
+    over this batch (:func:`~modality_circuits.interventions.mean_z`).
     """
     if mode not in ("zero", "mean"):
         raise InterventionError(f"Ablation mode must be 'zero' or 'mean', got {mode!r}.")
     L, H, B = model.cfg.n_layers, model.cfg.n_heads, len(batch)
-    clean = CleanRun.record(model, batch) if method == "cached" else None
-    kept_base: dict[str, Tensor] = {}
-
-    def base_pass() -> tuple[Tensor, Any]:  # clean scores from the recorded run: redo only the last block at the end
-        kept_base["logits"], cache = clean.prompt_pass(model, L - 1, batch.seq_len - 1, 1,
-                                                       with_cache=not first_token)()
-        return kept_base["logits"], cache
-
-    base_lp = following_scores(model, batch, first_token, prompt_pass=base_pass if clean is not None else None)
-    f, c = _answer_dirs(model, batch.samples)
-    base_ld = _first_token_ld(model, kept_base["logits"] if clean is not None else model(batch), f, c)
+    if positions is not None:
+        batch.spans.resolve(positions, allow_empty=True)  # a clear error now, not inside a hook
+    metric = AnswerMetric("logprobs", first_token=first_token)
     base = baseline if baseline is not None else (mean_z(model, batch) if mode == "mean" else None)
-    pos_mask = None if positions is None else batch.spans.mask(
-        positions if isinstance(positions, str) else list(positions), allow_empty=True)
-    p0 = 0 if pos_mask is None else int(batch.spans.first_position(
-        positions if isinstance(positions, str) else list(positions)).min())
+    clean = CleanRun.record(model, batch)
+    p_base, ld_base = _scores(run(model, clean, [()], metric)[0])
     delta = torch.zeros(L, H, B)
     dlog = torch.zeros(L, H, B)
     for layer in range(L):
-        if method == "cached":
-            s = torch.ones(H, H)
-            s[torch.arange(H), torch.arange(H)] = 0.0  # copy k ablates head k
-            hooks = scale_tensor_hooks(model, {layer: s.repeat_interleave(B, 0)}, pos_mask, base)
-            kept: dict[str, Tensor] = {}
-            run = clean.prompt_pass(model, layer, p0, H, with_cache=not first_token)
-
-            def run_and_keep() -> tuple[Tensor, Any]:
-                kept["logits"], cache = run()
-                return kept["logits"], cache
-
-            with model.hooks(fwd_hooks=hooks):
-                sc = following_scores(model, batch, first_token, repeats=H, prompt_pass=run_and_keep)
-            ld = _first_token_ld(model, kept["logits"], f.repeat(H), c.repeat(H))
-            delta[layer] = relative_change(base_lp.p_binary.repeat(H), sc.p_binary).view(H, B).cpu()
-            dlog[layer] = (ld - base_ld.repeat(H)).view(H, B).cpu()
-        elif method == "naive":
-            for h in range(H):
-                s = torch.ones(1, H)
-                s[0, h] = 0.0
-                with model.hooks(fwd_hooks=scale_tensor_hooks(model, {layer: s}, pos_mask, base)):
-                    sc = following_scores(model, batch, first_token)
-                    ld = _first_token_ld(model, model(batch), f, c)
-                delta[layer, h] = relative_change(base_lp.p_binary, sc.p_binary).cpu()
-                dlog[layer, h] = (ld - base_ld).cpu()
-        else:
-            raise InterventionError(f"method must be 'cached' or 'naive', got {method!r}.")
+        configs = [ScaleHeads([(layer, h)], 0.0, positions, base) for h in range(H)]
+        vals = torch.cat([run(model, clean, part, metric) for part in chunked(configs, max_configs or H)])
+        p, ld = _scores(vals)  # [n_heads, batch]
+        delta[layer] = relative_change(p_base[None], p)
+        dlog[layer] = ld - ld_base[None]
     return {"delta": delta, "d_logit": dlog}
 
 
 def attribution_batch(model: Any, batch: Any, mode: str = "zero", baseline: Tensor | None = None,
-                      positions: str | Sequence[str] | None = None) -> Float[Tensor, "layer n_heads batch"]:
+                      positions: GroupSpec | None = None) -> Float[Tensor, "layer n_heads batch"]:
     """Attribution patching: first-order estimate of each head's ablation effect on the first-token LD."""
     L = model.cfg.n_layers
     base = baseline if baseline is not None else (mean_z(model, batch) if mode == "mean" else None)
@@ -118,9 +99,8 @@ def attribution_batch(model: Any, batch: Any, mode: str = "zero", baseline: Tens
     # autograd.grad w.r.t. the z's only: no parameter gradients are computed, and the user's .grad is untouched
     with torch.enable_grad(), model.hooks(fwd_hooks=[(f"blocks.{i}.attn.hook_z", keep) for i in range(L)]):
         logits = model(batch)
-        grads = torch.autograd.grad(_first_token_ld(model, logits, f, c).sum(), [zs[i] for i in range(L)])
-    pm = None if positions is None else batch.spans.mask(
-        positions if isinstance(positions, str) else list(positions), allow_empty=True)
+        grads = torch.autograd.grad(_first_token_ld(logits, f, c).sum(), [zs[i] for i in range(L)])
+    pm = None if positions is None else batch.spans.resolve(positions, allow_empty=True)
     out = []
     for i in range(L):
         z, g = zs[i].detach(), grads[i]
@@ -153,7 +133,7 @@ def attention_mass_batch(model: Any, batch: Any, queries: Sequence[str] = ("last
     """Attention mass from ``queries`` to the instructed modality's tokens, per head."""
     names = [f"blocks.{i}.attn.hook_pattern" for i in range(model.cfg.n_layers)]
     _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names, return_type=None)
-    q = batch.spans.mask(list(queries), allow_empty=True)  # [batch, pos]
+    q = batch.spans.resolve(list(queries), allow_empty=True)  # [batch, pos]
     img = batch.spans.mask("image", allow_empty=True) if "image" in batch.spans else torch.zeros_like(q)
     ctx = batch.spans.mask("context", allow_empty=True) if "context" in batch.spans else torch.zeros_like(q)
     follow_img = torch.tensor([s.follow == "image" for s in batch.samples], device=q.device)
@@ -167,22 +147,28 @@ def attention_mass_batch(model: Any, batch: Any, queries: Sequence[str] = ("last
 
 
 def head_scores(model: Any, samples: Sequence[Any], method: str = "ablation", mode: str = "zero",
-                positions: str | Sequence[str] | None = None, batch_size: int = 16, first_token: bool = False,
-                progress: bool = True) -> pd.DataFrame:
+                positions: GroupSpec | None = None, batch_size: int = 16, first_token: bool = False,
+                baseline: Tensor | None = None, progress: bool = True) -> pd.DataFrame:
     """Per-sample head scores as a tidy table (``layer, head, sample_id, condition, score``; higher = more important).
 
+    Mean ablation (``mode="mean"``) uses one baseline for every batch: ``baseline``, default the mean ``z`` over
+    all ``samples`` (:func:`~modality_circuits.interventions.mean_z`), the same definition blocking uses.
     Aggregate to a ``[layer, head]`` matrix with :func:`score_matrix`.
     """
     if method not in METHODS:
         raise InterventionError(f"Unknown head-score method {method!r}; choose from {METHODS}.")
+    if mode not in ("zero", "mean"):
+        raise InterventionError(f"Ablation mode must be 'zero' or 'mean', got {mode!r}.")
+    if mode == "mean" and baseline is None and method in ("ablation", "attribution"):
+        baseline = mean_z(model, list(samples), batch_size)
     rows = []
     for chunk, batch in iter_batches(model, samples, batch_size, desc=f"head scores ({method})", progress=progress):
         extra: dict[str, Tensor] = {}
         if method == "ablation":
-            r = ablation_scan_batch(model, batch, mode, positions, first_token=first_token)
+            r = ablation_scan_batch(model, batch, mode, positions, first_token=first_token, baseline=baseline)
             score, extra = -r["delta"], {"d_logit": r["d_logit"]}
         elif method == "attribution":
-            score = -attribution_batch(model, batch, mode, positions=positions)
+            score = -attribution_batch(model, batch, mode, baseline=baseline, positions=positions)
         elif method == "dla":
             score = dla_batch(model, batch)
         else:

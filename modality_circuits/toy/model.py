@@ -83,7 +83,8 @@ def toy_llava(tokenizer: Any, cfg: ToyConfig) -> Any:
     vision = CLIPVisionConfig(hidden_size=cfg.d_vision, intermediate_size=4 * cfg.d_vision,
                               num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                               image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.d_vision)
-    lcfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    lcfg = LlavaConfig(vision_config=vision, text_config=text,
+                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                        vision_feature_layer=-1, vision_feature_select_strategy="default",
                        projector_hidden_act="gelu")
     lcfg._attn_implementation = "eager"

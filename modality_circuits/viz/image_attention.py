@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -75,7 +76,7 @@ class ImageAttention:
         return d
 
     @staticmethod
-    def from_dict(d: dict) -> "ImageAttention":
+    def from_dict(d: dict) -> ImageAttention:
         from PIL import Image
 
         img = np.asarray(Image.open(io.BytesIO(base64.b64decode(d["image"]))).convert("RGB"))
@@ -167,7 +168,7 @@ def image_attention_figure(maps: ImageAttention | Sequence[ImageAttention], over
         return fig
     cols = 3 if overlay else 2
     titles = []
-    for m in maps:
+    for _ in maps:
         titles += ["image (as the model sees it)", "attention per patch"] + (["overlay"] if overlay else [])
     fig = make_subplots(rows=len(maps), cols=cols, subplot_titles=titles, horizontal_spacing=0.04,
                         vertical_spacing=0.5 / max(1, len(maps)))

@@ -212,8 +212,9 @@ def test_reproduce_writes_everything(reproduce_runs: tuple[Path, Path], toy_dir:
     assert set(m["timings"]) >= {"load", "mfr", "knockout", "contributions", "anchors", "heads", "report"}
     assert m["data"]["n_conflict"] == 8 and m["data"]["n_general"] == 6
     ko = pd.read_csv(out / "knockout.csv")
-    assert list(ko.columns)[:12] == ["sample_id", "condition", "task", "kind", "edge", "src", "dst", "layer",
-                                     "layers", "p_base", "p_ko", "delta"]
+    assert list(ko.columns)[:13] == ["sample_id", "condition", "task", "kind", "edge", "src", "dst", "layer",
+                                     "layers", "metric", "base", "value", "delta"]
+    assert set(ko["metric"]) == {"p_binary"}
     assert len(ko) == 8 * 9 * 2  # samples × default edges × layers
     hs = pd.read_csv(out / "head_scores.csv")
     assert set(hs["method"]) == {"ablation", "dla", "attention"}
@@ -243,7 +244,7 @@ def test_other_seed_other_samples(toy_dir: Path, reproduce_runs: tuple[Path, Pat
                      "--layers", "0", "--quiet", "--threads", "1"]) == 0
     a = pd.read_csv(reproduce_runs[0] / "knockout.csv")
     b = pd.read_csv(tmp_path / "knockout.csv")
-    assert not a[a["layer"] == 0]["p_base"].reset_index(drop=True).equals(b["p_base"])
+    assert not a[a["layer"] == 0]["base"].reset_index(drop=True).equals(b["base"])
 
 
 def test_single_analyses_and_report(toy_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -17,6 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import naive_ablation_scan
 
 from modality_circuits.errors import InterventionError, SpanError
 from modality_circuits.interventions import (
@@ -171,8 +172,9 @@ def close(a, b):
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 @pytest.mark.parametrize("positions", [None, "last", "instruction"])
 def test_cached_head_scan_equals_naive_full_answers(circuit_model, multi_batch, mode, positions):
-    cached = ablation_scan_batch(circuit_model, multi_batch, mode, positions, method="cached")
-    naive = ablation_scan_batch(circuit_model, multi_batch, mode, positions, method="naive")
+    base = mean_z(circuit_model, multi_batch) if mode == "mean" else None
+    cached = ablation_scan_batch(circuit_model, multi_batch, mode, positions)
+    naive = naive_ablation_scan(circuit_model, multi_batch, positions, baseline=base)
     L, H, B = circuit_model.cfg.n_layers, circuit_model.cfg.n_heads, len(multi_batch)
     for k in ("delta", "d_logit"):
         assert cached[k].shape == (L, H, B)
@@ -183,8 +185,8 @@ def test_cached_head_scan_equals_naive_full_answers(circuit_model, multi_batch, 
 
 @pytest.mark.parametrize("positions", [None, "last"])
 def test_cached_head_scan_equals_naive_first_token(circuit_model, syn_batch, positions):
-    cached = ablation_scan_batch(circuit_model, syn_batch, "zero", positions, method="cached", first_token=True)
-    naive = ablation_scan_batch(circuit_model, syn_batch, "zero", positions, method="naive", first_token=True)
+    cached = ablation_scan_batch(circuit_model, syn_batch, "zero", positions, first_token=True)
+    naive = naive_ablation_scan(circuit_model, syn_batch, positions, first_token=True)
     for k in ("delta", "d_logit"):
         assert close(cached[k], naive[k]) < ATOL, k
 
@@ -203,8 +205,6 @@ def test_head_scan_matches_block_heads(circuit_model, multi_batch):
 def test_head_scan_bad_input(circuit_model, syn_batch):
     with pytest.raises(InterventionError, match="'zero' or 'mean'"):
         ablation_scan_batch(circuit_model, syn_batch, mode="resample")
-    with pytest.raises(InterventionError, match="'cached' or 'naive'"):
-        ablation_scan_batch(circuit_model, syn_batch, method="fast")
     with pytest.raises(SpanError, match="Available groups"):
         ablation_scan_batch(circuit_model, syn_batch, positions="caption")
     with pytest.raises(InterventionError, match="Unknown head-score method"):
@@ -511,8 +511,8 @@ def test_cached_head_scan_equals_naive_under_mrope(version, positions):
                       question="What is the color of the shape?", constraint="The answer is", answer_img="blue",
                       answer_text="red circle", follow=f, id=str(i)) for i, f in enumerate(["image", "text"])]
     b = model.prepare(samples)
-    cached = ablation_scan_batch(model, b, "zero", positions, method="cached")
-    naive = ablation_scan_batch(model, b, "zero", positions, method="naive")
+    cached = ablation_scan_batch(model, b, "zero", positions)
+    naive = naive_ablation_scan(model, b, positions)
     for k in ("delta", "d_logit"):
         assert close(cached[k], naive[k]) < ATOL, k
     assert cached["d_logit"].abs().max() > 1e-3

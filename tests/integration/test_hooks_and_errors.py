@@ -78,7 +78,8 @@ def test_run_with_cache_equals_forward(model, batch, clean_logits):
 
 
 def test_final_residual_gives_logits(model, batch, clean_logits):
-    _, cache = model.run_with_cache(batch, names_filter=lambda n: n == f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    _, cache = model.run_with_cache(batch, names_filter=lambda n: n == last)
     resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
     with torch.no_grad():
         logits = model.unembed(model.ln_final(resid))

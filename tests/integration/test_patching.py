@@ -13,9 +13,20 @@ from transformer_lens import patching as tlp
 from modality_circuits import Segment
 from modality_circuits.errors import InterventionError, SpanError
 from modality_circuits.metrics import tokenize_answer
-from modality_circuits.patching import (GroupResid, HeadInputs, PatchPair, ResidAt, activation_patch, image_swap,
-                                        instruction_flip, patch_head_out, patch_image_embeds, patch_resid_pre,
-                                        path_patch, path_patch_heads)
+from modality_circuits.patching import (
+    GroupResid,
+    HeadInputs,
+    PatchPair,
+    ResidAt,
+    activation_patch,
+    image_swap,
+    instruction_flip,
+    patch_head_out,
+    patch_image_embeds,
+    patch_resid_pre,
+    path_patch,
+    path_patch_heads,
+)
 
 TOL = 1e-5
 

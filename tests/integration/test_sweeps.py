@@ -9,14 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import naive_knockout_sweep
 
 from modality_circuits.errors import InterventionError, SpanError
 from modality_circuits.interventions import knockout
 from modality_circuits.metrics import following_scores, summarize
 from modality_circuits.sweeps import DEFAULT_EDGES, knockout_sweep
 
-COLUMNS = ["sample_id", "condition", "task", "kind", "edge", "src", "dst", "layer", "layers", "p_base", "p_ko",
-           "delta"]
+COLUMNS = ["sample_id", "condition", "task", "kind", "edge", "src", "dst", "layer", "layers", "metric", "base",
+           "value", "delta"]
 
 
 def assert_no_hooks(model) -> None:
@@ -34,15 +35,15 @@ def compare(a, b, atol=1e-5):
     assert len(a) == len(b) > 0
     key = ["sample_id", "edge", "layer"]
     a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
-    assert (a[key + ["layers"]] == b[key + ["layers"]]).all().all()
-    for col in ("p_base", "p_ko"):
+    assert (a[key] == b[key]).all().all()
+    for col in ("base", "value"):
         assert np.abs(a[col] - b[col]).max() < atol, col
         # also in log-odds, which does not hide differences between tiny probabilities
         assert np.abs(log_odds(a[col]) - log_odds(b[col])).max() < 1e-4, col
     # the comparison has teeth: every edge moves some sample's score
     assert (a.groupby("edge")["delta"].apply(lambda d: d.abs().max()) > 1e-3).all()
     # relative change of tiny probabilities amplifies float noise; compare it where p_base is not tiny
-    big = a["p_base"] > 1e-3
+    big = a["base"] > 1e-3
     assert np.abs(a.loc[big, "delta"] - b.loc[big, "delta"]).max() < 1e-4
 
 
@@ -50,8 +51,8 @@ def compare(a, b, atol=1e-5):
 @pytest.mark.parametrize("first_token", [False, True])
 def test_cached_sweep_equals_naive_multi_token(circuit_model, multi_samples, window, mode, first_token):
     kw = dict(window=window, window_mode=mode, first_token=first_token, batch_size=4, progress=False)
-    cached = knockout_sweep(circuit_model, multi_samples, method="cached", **kw)
-    naive = knockout_sweep(circuit_model, multi_samples, method="naive", **kw)
+    cached = knockout_sweep(circuit_model, multi_samples, **kw)
+    naive = naive_knockout_sweep(circuit_model, multi_samples, **{k: v for k, v in kw.items() if k != "progress"})
     compare(cached, naive)
     assert len(cached) == len(multi_samples) * len(DEFAULT_EDGES) * circuit_model.cfg.n_layers
     assert_no_hooks(circuit_model)
@@ -61,16 +62,16 @@ def test_cached_sweep_equals_naive_multi_token(circuit_model, multi_samples, win
 def test_cached_sweep_equals_naive_synthetic_two_batches(circuit_model, syn_samples, window, mode):
     """Six samples in batches of 4 and 2 (the last batch differs in size and padding)."""
     kw = dict(window=window, window_mode=mode, batch_size=4, progress=False)
-    compare(knockout_sweep(circuit_model, syn_samples, method="cached", **kw),
-            knockout_sweep(circuit_model, syn_samples, method="naive", **kw))
+    compare(knockout_sweep(circuit_model, syn_samples, **kw),
+            naive_knockout_sweep(circuit_model, syn_samples, window=window, window_mode=mode, batch_size=4))
 
 
 def test_sweep_rows_and_windows(circuit_model, syn_samples):
-    df = knockout_sweep(circuit_model, syn_samples[:2], edges=[("image", "last")], layers=[0, 2], window=3,
+    df = knockout_sweep(circuit_model, syn_samples[:2], edges=[("image", "last")], centers=[0, 2], window=3,
                         progress=False)
     assert sorted(set(df["layers"])) == ["0,1", "1,2"]  # centered windows, clipped at the ends
     assert set(df["edge"]) == {"image↛last"}
-    start = knockout_sweep(circuit_model, syn_samples[:2], edges=[("image", "last")], layers=[-1], window=3,
+    start = knockout_sweep(circuit_model, syn_samples[:2], edges=[("image", "last")], centers=[-1], window=3,
                            window_mode="start", progress=False)
     assert set(start["layers"]) == {"2"} and set(start["layer"]) == {2}
     s = summarize(df, "delta", ["edge", "layer"])
@@ -81,15 +82,15 @@ def test_knockout_is_not_a_no_op(circuit_model, syn_samples):
     """image ↛ last over all layers moves the following score of some sample, and matches knockout()."""
     b = circuit_model.prepare(syn_samples)
     layers = list(range(circuit_model.cfg.n_layers))
-    df = knockout_sweep(circuit_model, syn_samples, edges=[("image", "last")], layers=[1], window=3,
+    df = knockout_sweep(circuit_model, syn_samples, edges=[("image", "last")], centers=[1], window=3,
                         progress=False)
     assert df["delta"].abs().max() > 1e-2
     with knockout(circuit_model, b.spans, "image", "last", layers):
         direct = following_scores(circuit_model, b).p_binary
     base = following_scores(circuit_model, b).p_binary
-    np.testing.assert_allclose(df.sort_values("sample_id")["p_ko"].to_numpy(),
+    np.testing.assert_allclose(df.sort_values("sample_id")["value"].to_numpy(),
                                direct[np.argsort([s.id for s in syn_samples])].numpy(), atol=1e-5)
-    np.testing.assert_allclose(df["p_base"].to_numpy(), base.numpy(), atol=1e-6)
+    np.testing.assert_allclose(df["base"].to_numpy(), base.numpy(), atol=1e-6)
 
 
 def test_sweep_bad_input(circuit_model, syn_samples):
@@ -97,9 +98,9 @@ def test_sweep_bad_input(circuit_model, syn_samples):
                                         r"Available groups: \["):
         knockout_sweep(circuit_model, syn_samples[:2], edges=[("image", "caption")], progress=False)
     with pytest.raises(InterventionError, match="out of range"):
-        knockout_sweep(circuit_model, syn_samples[:2], layers=[5], progress=False)
-    with pytest.raises(InterventionError, match="'cached' or 'naive'"):
-        knockout_sweep(circuit_model, syn_samples[:2], edges=[("image", "last")], method="fast", progress=False)
+        knockout_sweep(circuit_model, syn_samples[:2], centers=[5], progress=False)
+    with pytest.raises(InterventionError, match="Unknown metric"):
+        knockout_sweep(circuit_model, syn_samples[:2], edges=[("image", "last")], metric="accuracy", progress=False)
     with pytest.raises(InterventionError, match="Window size"):
         knockout_sweep(circuit_model, syn_samples[:2], window=0, progress=False)
     assert_no_hooks(circuit_model)
