@@ -32,7 +32,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from ._types import Float
-from .interventions.base import Config, apply_stack, first_layer, first_position
+from .interventions.base import Config, apply_stack, as_config, first_layer, first_position
 from .metrics import MetricLike, PromptPass, as_metric
 from .models.forward_state import ForwardState, forward_scope
 from .prompts import MLLMBatch
@@ -160,11 +160,25 @@ def run(model: HookedMLLM, clean: CleanRun, configs: Sequence[Config], metric: M
     p0 = first_position(batch, configs) if prefix else 0
     if l0 >= model.cfg.n_layers or p0 >= batch.seq_len:  # nothing changes: the clean run's last block is enough
         l0, p0 = model.cfg.n_layers - 1, batch.seq_len - 1
-    pass_ = clean.suffix_pass(model, l0, p0, C, with_cache=met.needs_cache(model, batch),
-                              last_only=met.reads_last_only and prefix)
+    with_cache = met.needs_cache(model, batch)
+    if any(getattr(iv, "needs_embedding", False) for c in configs for iv in as_config(c)):
+        pass_ = embedding_pass(model, batch, C, with_cache)  # e.g. patched image features: from the tokens
+    else:
+        pass_ = clean.suffix_pass(model, l0, p0, C, with_cache=with_cache, last_only=met.reads_last_only and prefix)
     with apply_stack(model, batch, configs):
         out = met(model, batch, prompt_pass=pass_, copies=C, clean_logits=clean.logits)
     return out.float().cpu()
+
+
+def embedding_pass(model: HookedMLLM, batch: MLLMBatch, copies: int, with_cache: bool) -> PromptPass:
+    """A full prompt pass over ``copies`` config-major copies of ``batch`` from the tokens (vision tower included)."""
+    rep = batch.repeat(copies)
+
+    def run_() -> tuple[Tensor, Any]:
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rep)) if with_cache else None
+        return model(rep, past_kv_cache=cache), cache
+
+    return run_
 
 
 def baseline(model: HookedMLLM, clean: CleanRun, metric: MetricLike = "p_binary") -> Float[Tensor, " batch"]:

@@ -42,6 +42,20 @@ def _final_norm_weight(model: Any) -> Tensor:
     return w if w is not None else torch.ones(model.cfg.d_model, device=model.cfg.device)
 
 
+def answer_direction(model: Any, samples: Sequence[Any]) -> Float[Tensor, "batch d_model"]:
+    """``w ⊙ (W_U[:, f] − W_U[:, c])`` per sample: the residual direction of the first-token logit difference
+    under the final norm's weight ``w`` (the scale is applied separately, :func:`direct_effect`)."""
+    f, c = _answer_dirs(model, samples)
+    return (model.W_U[:, f] - model.W_U[:, c]).T * _final_norm_weight(model)
+
+
+def direct_effect(parts: Float[Tensor, "... batch d_model"], direction: Float[Tensor, "batch d_model"],
+                  scale: Float[Tensor, "batch 1"]) -> Float[Tensor, "... batch"]:
+    """Direct logit attribution: each part's contribution ``(x_i / s) · d`` to the first-token logit difference
+    with the final norm's scale ``s`` frozen (the one DLA formula; contributions and head scores use it)."""
+    return ((parts / scale) * direction).sum(-1)
+
+
 @torch.no_grad()
 def last_position_contributions(model: Any, batch: Any) -> tuple[Float[Tensor, "component batch"], list[str], Tensor]:
     """Per-component direct contributions to the first-token logit difference at the last position.
@@ -54,8 +68,7 @@ def last_position_contributions(model: Any, batch: Any) -> tuple[Float[Tensor, "
     stack, labels = cache.decompose_resid(layer=None, pos_slice=-1, mode="all", incl_embeds=True,
                                           return_labels=True)  # [component, batch, d_model]
     scale = cache["ln_final.hook_scale"][:, -1]  # [batch, 1]
-    d = (model.W_U[:, f] - model.W_U[:, c]).T * _final_norm_weight(model)  # [batch, d_model]
-    contrib = ((stack / scale[None]) * d[None]).sum(-1)  # [component, batch]
+    contrib = direct_effect(stack, answer_direction(model, batch.samples), scale)  # [component, batch]
     final = logits[:, -1].gather(1, f[:, None])[:, 0] - logits[:, -1].gather(1, c[:, None])[:, 0]
     return contrib, list(labels), final
 

@@ -34,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 from . import viz
+from .data.sample import CONDITION_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,8 @@ def _summary_section(manifest: dict | None, evaluation: dict | None) -> str:
                 ("command", manifest.get("command", "?"))]) + "</table>")
     if evaluation:
         rows = []
-        for key, label in [("conflict_follow_image", "vision-following (MFR)"),
-                           ("conflict_follow_text", "text-following (MFR)"), ("consistent", "consistent samples"),
-                           ("image_probe", "image-only probes"), ("text_probe", "text-only probes")]:
+        for key in ("conflict_follow_image", "conflict_follow_text", "consistent", "image_probe", "text_probe"):
+            label = CONDITION_LABELS[key]
             v = evaluation.get(key)
             if not v:
                 continue

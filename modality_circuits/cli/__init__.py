@@ -54,7 +54,6 @@ from .stages import (  # noqa: F401
     stage_knockout,
     stage_patching,
     stage_report,
-    summarize_accuracy,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model = load_model(args, run)
         info["summary"] = f"{run.manifest['model']['architecture']} from {run.manifest['model']['path']}"
     if args.data in (None, "synthetic"):
-        from ..toy.evaluate import EVAL_SEED, evaluate_model
+        from ..evaluation import EVAL_SEED, evaluate_model
 
         with run.stage("evaluate") as info:
             seed = EVAL_SEED if args.seed is None else args.seed
@@ -152,8 +151,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_train_toy(args: argparse.Namespace) -> int:
+    from ..evaluation import evaluate_model
     from ..models import HookedMLLM
-    from ..toy.evaluate import evaluate_model, write_model_card
+    from ..toy.evaluate import write_model_card
     from ..toy.model import ToyConfig
     from ..toy.train import train_toy
 
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("evaluate", help="MFR per condition, probe accuracy and failure counts",
-                       description="Synthetic: held-out sets (N per condition) via toy.evaluate.evaluate_model; "
+                       description="Synthetic: held-out sets (N per condition) via evaluation.evaluate_model; "
                                    "JSON: MFR per condition of the file's conflict samples.")
     _common(p, "synthetic: samples per condition (default: 200); JSON: first N records (default: all)",
             seed_help="random seed (default: the held-out evaluation seed for synthetic data, 0 otherwise)")

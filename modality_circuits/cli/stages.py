@@ -20,48 +20,21 @@ def stage_evaluate(run: Run, model: Any, conflict: list, general: list, args: ar
 
     Writes ``evaluate.json``, ``mfr.csv`` (per-sample scores) and ``generations.csv`` (greedy answers, classified).
     """
-    from ..metrics import generations, score_dataset
+    from ..evaluation import evaluate_samples
 
     with run.stage("mfr") as info:
-        samples = conflict + general
-        scores = score_dataset(model, samples, batch_size=args.batch_size, progress=not run.quiet)
-        df = scores.to_frame(samples)
+        ev, df, gen = evaluate_samples(model, conflict + general, batch_size=args.batch_size, progress=not run.quiet)
         run.csv(df, "mfr.csv")
-        ev = summarize_accuracy(df)
-        gen = generations(model, conflict, batch_size=args.batch_size, progress=not run.quiet)
         run.csv(gen, "generations.csv")
-        for cond in ("image", "text"):
-            g = gen[gen["condition"] == cond]
-            if len(g) and f"conflict_follow_{cond}" in ev:
-                ev[f"conflict_follow_{cond}"]["open_form"] = {
-                    "mfr": round(float((g["outcome"] == "follow").mean()), 4),
-                    "competitor": round(float((g["outcome"] == "competitor").mean()), 4),
-                    "other": round(float((g["outcome"] == "other").mean()), 4), "n": int(len(g))}
         run.json(ev, "evaluate.json")
         run.results["evaluate"] = ev
         info["summary"] = accuracy_line(ev)
     return ev
 
 
-def summarize_accuracy(df: Any) -> dict:
-    """``evaluate_model``-shaped summary (accuracy, failures, n, by_task) from a per-sample score table."""
-    out: dict[str, Any] = {}
-    groups = [("conflict_follow_image", (df["kind"] == "conflict") & (df["follow"] == "image")),
-              ("conflict_follow_text", (df["kind"] == "conflict") & (df["follow"] == "text"))]
-    groups += [(k, df["kind"] == k) for k in ("consistent", "image_probe", "text_probe")]
-    for name, m in groups:
-        d = df[m]
-        if d.empty:
-            continue
-        out[name] = {"accuracy": round(float(d["followed"].mean()), 4), "failures": int((~d["followed"]).sum()),
-                     "n": int(len(d)),
-                     "by_task": {t: round(float(g["followed"].mean()), 4) for t, g in d.groupby("task")}}
-    return out
-
-
 def accuracy_line(ev: dict) -> str:
-    names = {"conflict_follow_image": "MFR vision-following", "conflict_follow_text": "MFR text-following",
-             "consistent": "consistent", "image_probe": "image probes", "text_probe": "text probes"}
+    from ..data.sample import CONDITION_LABELS as names
+
     return "; ".join(f"{names.get(k, k)} {v['accuracy']:.3f} ({v['failures']} failed of "
                      f"{v.get('n', '?')})" for k, v in ev.items() if isinstance(v, dict) and "accuracy" in v)
 

@@ -28,6 +28,14 @@ CONSTRAINTS = (
 
 KINDS = ("conflict", "consistent", "image_probe", "text_probe")
 
+#: Display names of the conditions (the instructed modality), the control sample kinds and the evaluation sets:
+#: the one table every figure, report and CLI line uses.
+CONDITION_LABELS = {
+    "image": "vision-following", "text": "text-following", "consistent": "consistent samples",
+    "image_probe": "image-only probes", "text_probe": "text-only probes",
+    "conflict_follow_image": "MFR vision-following", "conflict_follow_text": "MFR text-following",
+}
+
 
 @dataclass
 class Sample:

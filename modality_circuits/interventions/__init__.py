@@ -6,6 +6,7 @@ for one copy of a batch; any stack of them runs side by side along a ``config`` 
 ``ScaleHeads``    ``z' = b + α (z − b)``: zero/mean ablation (α = 0) and amplification (α > 1) of heads
 ``ScaleAttention`` scale heads' attention from one group to another by α (renormalised)
 ``Steer``         add a vector to the residual stream at a token group
+``Patch``         overwrite an activation with another run's values at a site (activation/path patching)
 ================  ==========================================================================================
 
 Use ``with iv.applied(model, batch): …`` around any code, or :func:`modality_circuits.engine.run` to score many
@@ -26,8 +27,9 @@ from .heads import (
                     mean_z,
 )
 from .knockout import Knockout, edge_mask, knockout, knockout_hooks, mask_scores
+from .patch import Patch
 from .steer import Steer
 
-__all__ = ["Intervention", "Knockout", "ScaleAttention", "ScaleHeads", "Steer", "amplify_attention", "amplify_heads",
-           "apply", "apply_stack", "attention_scale_hooks", "block_heads", "config_hooks", "edge_mask",
+__all__ = ["Intervention", "Knockout", "Patch", "ScaleAttention", "ScaleHeads", "Steer", "amplify_attention",
+           "amplify_heads", "apply", "apply_stack", "attention_scale_hooks", "block_heads", "config_hooks", "edge_mask",
            "head_scale_hooks", "knockout", "knockout_hooks", "layer_window", "mask_scores", "mean_z"]

@@ -344,12 +344,17 @@ class HookedMLLM(HookedTransformer):
         """
         if not isinstance(input, MLLMBatch):
             return super().to_str_tokens(input, **kwargs)
-        ids = input.tokens[i][input.attention_mask[i].bool()].tolist()
+        return self.token_labels(input.tokens[i][input.attention_mask[i].bool()].tolist())
+
+    def token_labels(self, ids: Sequence[int]) -> list[str]:
+        """Token strings of one prompt's (unpadded) ids, image tokens numbered ``<img_0>``, ``<img_1>`` … (the one
+        labeller every view uses)."""
         out, k = [], 0
+        img = self.image_encoder.image_token_id
         for t in ids:
-            if t == self.image_encoder.image_token_id:
+            if int(t) == img:
                 out.append(f"<img_{k}>")
                 k += 1
             else:
-                out.append(self.tokenizer.convert_ids_to_tokens(t))
+                out.append(str(self.tokenizer.convert_ids_to_tokens(int(t))))
         return out

@@ -41,18 +41,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine import CleanRun
-from ..errors import InterventionError
+from ..engine import CleanRun, run
+from ..errors import InterventionError, NumericalError
 from ..interventions.core import check_heads, check_layers
+from ..interventions.patch import Patch, site_first_position
 from ..metrics import MetricLike
 from .engine import (
     PairMetric,
     PatchResult,
     base_and_source,
     chunks,
-    first_position,
     normalise,
-    patch_hook,
     position_groups,
     position_labels,
 )
@@ -189,33 +188,26 @@ def activation_patch(model: Any, pair: PatchPair, component: str = "resid_pre", 
     met = PairMetric(model, pair, metric, first_token)
     names = [hook_tpl.format(lyr) for lyr in lyrs] if kind != "image" else [hook_tpl]
     _, src_cache = model.run_with_cache(src_batch, names_filter=lambda n: n in names, return_type=None)
+    # image features exist only in a forward from the tokens: no activations to reuse, so record none
     base = (CleanRun.record(model, base_batch, keep_logits=not met.reads_last_only) if kind != "image"
-            else None)  # image features: every run starts at the embeddings
-    base_logits = base.logits if base is not None else None
+            else CleanRun(base_batch, [], [], []))
     clean_score = met.score(pair.clean)
     corr_score = met.score(pair.corrupted)
     targets, axes, labels = _targets(model, pair, component, kind, by, lyrs, heads, positions, groups)
-    B, L = len(pair), pair.seq_len
-    order = sorted(range(len(targets)), key=lambda t: (targets[t][0] or 0, first_position(targets[t][1], kind)))
+    B = len(pair)
+    # one Patch per target; targets sharing a layer and first position run side by side from that prefix
+    patches = [Patch(hook_tpl.format(layer) if layer is not None else hook_tpl, site,
+                     src_cache[hook_tpl.format(layer) if layer is not None else hook_tpl], kind)
+               for layer, site in targets]
+    order = sorted(range(len(targets)), key=lambda t: (targets[t][0] or 0, site_first_position(targets[t][1], kind)))
     raw = torch.full((len(targets),), float("nan"))
-    # hooks are attached once for the whole sweep; each chunk installs its patch functions in `active`
-    active: dict[str, Any] = {}
-
-    def dispatch(act: Tensor, hook: Any) -> Tensor:
-        fn = active.get(hook.name)
-        return act if fn is None else fn(act, hook)
-
-    with model.hooks(fwd_hooks=[(name, dispatch) for name in names]):
-        for ch in chunks(len(order), B, max_rows):
-            idx = [order[i] for i in ch]
-            k = len(idx)
-            run, prefix = _chunk_run(model, base, base_batch, base_logits, [targets[t] for t in idx], kind,
-                                     met.needs_cache, prefix_reuse, met.reads_last_only)
-            active.clear()
-            active.update(_chunk_hooks(model, base_batch, [targets[t] for t in idx], kind, hook_tpl, src_cache, k, L))
-            raw[idx] = met.evaluate(run, k, base_batch, prefix)
-            logger.debug("patched %s targets %s", component, idx)
-        active.clear()
+    for ch in chunks(len(order), B, max_rows):
+        idx = [order[i] for i in ch]
+        vals = run(model, base, [patches[t] for t in idx], met.metric, prefix=prefix_reuse)  # [k, batch]
+        if not torch.isfinite(vals).all():
+            raise NumericalError("Patched metric values contain NaN/inf; check the model dtype (float32).")
+        raw[idx] = vals.mean(1)
+        logger.debug("patched %s targets %s", component, idx)
     shape = tuple(len(labels[a]) for a in axes)
     raw = raw.view(shape)
     values = normalise(raw, clean_score, corr_score) if normalize else raw.clone()
@@ -226,44 +218,6 @@ def activation_patch(model: Any, pair: PatchPair, component: str = "resid_pre", 
     else:
         pos_groups = []
     return PatchResult(values, raw, axes, labels, clean_score, corr_score, component, met.name, direction, pos_groups)
-
-
-def _chunk_run(model: Any, base: Any, base_batch: Any, base_logits: Tensor | None, targets: list, kind: str,
-               with_cache: bool, prefix_reuse: bool, last_only: bool):
-    """The prompt pass of one chunk (prefix-reusing unless the image features are patched)."""
-    k = len(targets)
-    if kind == "image":
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        rep = base_batch.repeat(k)
-
-        def run() -> tuple[Tensor, Any]:
-            cache = (TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rep)) if with_cache
-                     else None)
-            return model(rep, past_kv_cache=cache), cache
-        return run, None
-    l0 = min(t[0] for t in targets) if prefix_reuse else 0
-    p0 = min(first_position(t[1], kind) for t in targets) if prefix_reuse else 0
-    p0 = min(p0, base_batch.seq_len - 1)
-    prefix = base_logits[:, :p0] if base_logits is not None else None
-    return base.suffix_pass(model, l0, p0, k, with_cache, last_only=last_only and prefix_reuse), prefix
-
-
-def _chunk_hooks(model: Any, base_batch: Any, targets: list, kind: str, hook_tpl: str, src_cache: Any, k: int,
-                 L: int) -> dict[str, Any]:
-    """One hook function per patched activation name; copy ``j`` of the batch carries target ``j``'s site mask."""
-    B = len(base_batch)
-    per_name: dict[str, Tensor] = {}
-    for j, (layer, site) in enumerate(targets):
-        name = hook_tpl.format(layer) if layer is not None else hook_tpl
-        if name not in per_name:
-            per_name[name] = torch.zeros((k * B,) + tuple(site.shape[1:]), dtype=torch.bool, device=site.device)
-        per_name[name][j * B:(j + 1) * B] |= site
-    image_mask = None
-    if kind == "image":
-        image_mask = (base_batch.tokens == model.image_encoder.image_token_id).repeat(k, 1)
-    return {name: patch_hook(model, kind, mask, src_cache[name], L, image_mask=image_mask)
-            for name, mask in per_name.items()}
 
 
 # ----------------------------------------------------------------------------------------- named versions

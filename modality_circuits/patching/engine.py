@@ -1,8 +1,8 @@
-"""Shared machinery of activation and path patching: metrics, prefix-reusing batched runs, patch hooks, results.
+"""Shared parts of activation and path patching: the pair-bound metric, normalisation, results, labels.
 
-**Batched over patch targets.** ``k`` patch targets run in one forward over ``k`` copies of the base batch
-(config-major: copy ``j`` is rows ``j·B … (j+1)·B − 1``); the hook of an activation replaces, in copy ``j`` only,
-the entries of target ``j`` (:func:`patch_hook`).
+**Batched over patch targets.** Every patch target is a :class:`~modality_circuits.interventions.Patch`;
+``k`` of them run in one forward of the engine (:func:`modality_circuits.engine.run`) over ``k`` copies of the base
+batch (config-major: copy ``j`` is rows ``j·B … (j+1)·B − 1`` and carries target ``j``).
 
 **Prefix reuse.** A patch at layer ``l`` and positions ``≥ p`` leaves every layer ``< l`` and every position
 ``< p`` of the base run unchanged (attention is causal), so the copies start at layer ``l0`` (the smallest
@@ -26,7 +26,7 @@ Normalised scores map the corrupted run to 0 and the clean run to 1: ``(m − m_
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,10 +35,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..errors import AnswerError, InterventionError, NumericalError
-from ..interventions.core import align_rows
-from ..metrics import MetricLike, PromptPass, as_metric, tokenize_answer
-from ..models.forward_state import current
+from ..errors import AnswerError, InterventionError
+from ..metrics import MetricLike, as_metric, tokenize_answer
 from ..prompts import MLLMBatch
 from .pairs import PatchPair
 
@@ -90,21 +88,6 @@ class PairMetric:
         """The metric of an unpatched run of ``batch``."""
         return float(self.metric(self.model, batch).float().mean())
 
-    @torch.no_grad()
-    def evaluate(self, run: PromptPass, k: int, base_batch: MLLMBatch, prefix_logits: Tensor | None = None
-                 ) -> Tensor:
-        """Metric of each of ``k`` copies of ``base_batch``, ``Float[Tensor, "k"]``.
-
-        Args:
-            run: a prompt pass over the ``k`` copies returning ``(logits of the positions it ran, KV cache)``.
-            prefix_logits: ``[batch, p0, vocab]`` logits of the positions the run skipped (logits metrics see
-                full-length logits).
-        """
-        vals = self.metric(self.model, base_batch, prompt_pass=run, copies=k, clean_logits=prefix_logits)
-        if not torch.isfinite(vals).all():
-            raise NumericalError("Patched metric values contain NaN/inf; check the model dtype (float32).")
-        return vals.float().mean(1).cpu()
-
 
 def normalise(raw: Tensor, clean: float, corrupted: float) -> Tensor:
     """``(raw − corrupted) / (clean − corrupted)``: 0 = corrupted run, 1 = clean run (NaN if they are equal)."""
@@ -117,68 +100,6 @@ def normalise(raw: Tensor, clean: float, corrupted: float) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ hooks
-#: How a site mask in prompt coordinates maps onto an activation:
-#: ``pos`` [rows, pos, …] masks [rows, pos]; ``head`` [rows, pos, head, d] masks [rows, pos, head];
-#: ``pattern`` [rows, head, q_pos, k_pos] masks [rows, head, q_pos]; ``image`` [img_tok, d] masks [rows, pos].
-SITE_KINDS = ("pos", "head", "pattern", "image")
-
-
-def patch_hook(model: Any, kind: str, mask: Tensor, src: Tensor, prompt_len: int, fallback: Tensor | None = None,
-               image_mask: Tensor | None = None) -> Callable[..., Tensor]:
-    """A hook writing ``src`` where ``mask`` is True (and ``fallback``, if given, everywhere else).
-
-    ``mask`` has one row per run row (``k·B``); ``src``/``fallback`` are in prompt coordinates with ``B`` or
-    ``k·B`` rows (repeated config-major). Activations of positions beyond the prompt (answer continuations) pass
-    unchanged; a KV-cached run's first query is absolute position ``ForwardState.offset`` of the running forward.
-    """
-    n_rows = mask.shape[0]
-
-    def hook(act: Tensor, hook: Any) -> Tensor:
-        off = current().offset
-        if off >= prompt_len:
-            return act
-        if kind == "image":
-            sel = mask[image_mask.to(mask.device)]  # [k·img_tok] in masked_scatter order (row-major)
-            if sel.shape[0] != act.shape[0]:
-                raise InterventionError(f"Image patch met {act.shape[0]} image-token features, expected "
-                                        f"{sel.shape[0]}; the clean and corrupted image groups must align.")
-            s = align_rows(src.to(act.device, act.dtype), act.shape[0])
-            other = act if fallback is None else align_rows(fallback.to(act.device, act.dtype), act.shape[0])
-            return torch.where(sel[:, None].to(act.device), s, other)
-        if act.shape[0] != n_rows:
-            raise InterventionError(f"A patch built for {n_rows} rows met an activation with {act.shape[0]} rows.")
-        pdim = 2 if kind == "pattern" else 1
-        q = act.shape[pdim]
-        m = mask.narrow(pdim, off, q).to(act.device)
-        if fallback is None:  # sparse write (in place, as TransformerLens's patch setters do)
-            idx = m.nonzero(as_tuple=True)
-            if not len(idx[0]):
-                return act
-            rows = idx[0] % src.shape[0]
-            sidx = (rows, idx[1] + off, *idx[2:]) if kind != "pattern" else (rows, idx[1], idx[2] + off)
-            vals = src[sidx].to(act.device, act.dtype)
-            act[idx] = vals[..., :act.shape[3]] if kind == "pattern" else vals
-            return act
-        s = align_rows(src.to(act.device), n_rows).narrow(pdim, off, q)
-        other = act if fallback is None else align_rows(fallback.to(act.device), n_rows).narrow(pdim, off, q)
-        if kind == "pattern":
-            s, other = s[..., :act.shape[3]], other[..., :act.shape[3]]
-        m = m.reshape(m.shape + (1,) * (act.dim() - m.dim()))
-        return torch.where(m, s.to(act.dtype), other.to(act.dtype))
-
-    return hook
-
-
-def first_position(site: Tensor, kind: str) -> int:
-    """First prompt position a site mask touches (the sequence length if empty)."""
-    if kind == "pattern":
-        pos = site.any(0).any(0) if site.dim() == 3 else site.any(0)
-    else:
-        pos = site.reshape(site.shape[0], site.shape[1], -1).any(-1).any(0)
-    idx = pos.nonzero().flatten()
-    return int(idx[0]) if len(idx) else int(pos.shape[0])
-
-
 def chunks(n_items: int, batch_rows: int, max_rows: int) -> list[range]:
     """Consecutive chunks of items so that ``len(chunk) · batch_rows <= max_rows`` (at least one item each)."""
     k = max(1, int(max_rows) // max(1, batch_rows))
@@ -236,18 +157,9 @@ class PatchResult:
 def position_labels(model: Any, batch: MLLMBatch, positions: Sequence[int], row: int = 0) -> list[str]:
     """Unique labels ``"<pos> <token>"`` of padded positions (row ``row``; image tokens ``<img_k>``)."""
     ids = batch.tokens[row].tolist()
-    att = batch.attention_mask[row].tolist()
-    img = getattr(getattr(model, "image_encoder", None), "image_token_id", None)
-    out = []
-    for p in positions:
-        if not att[p]:
-            tok = "<pad>"
-        elif ids[p] == img:
-            tok = f"<img_{sum(1 for q in range(p) if ids[q] == img and att[q])}>"
-        else:
-            tok = str(model.tokenizer.convert_ids_to_tokens(int(ids[p])))
-        out.append(f"{p} {tok}")
-    return out
+    real = [p for p, a in enumerate(batch.attention_mask[row].tolist()) if a]
+    labels = dict(zip(real, model.token_labels([ids[p] for p in real])))
+    return [f"{p} {labels.get(p, '<pad>')}" for p in positions]
 
 
 def position_groups(batch: MLLMBatch, positions: Sequence[int], row: int = 0) -> list[str]:
@@ -260,5 +172,5 @@ def position_groups(batch: MLLMBatch, positions: Sequence[int], row: int = 0) ->
     return out
 
 
-__all__ = ["DIRECTIONS", "METRICS", "PairMetric", "PatchResult", "base_and_source", "chunks", "first_position",
-           "normalise", "patch_hook", "position_groups", "position_labels"]
+__all__ = ["DIRECTIONS", "METRICS", "PairMetric", "PatchResult", "base_and_source", "chunks", "normalise",
+           "position_groups", "position_labels"]

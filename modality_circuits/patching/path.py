@@ -36,12 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine import CleanRun
-from ..errors import InterventionError
+from ..engine import CleanRun, run
+from ..errors import InterventionError, NumericalError
+from ..interventions.base import apply_stack
 from ..interventions.core import check_heads, check_layers
 from ..interventions.heads import normalize_heads
+from ..interventions.patch import Patch
 from ..metrics import MetricLike
-from .engine import PairMetric, PatchResult, base_and_source, chunks, normalise, patch_hook
+from .engine import PairMetric, PatchResult, base_and_source, chunks, normalise
 from .pairs import PatchPair
 
 logger = logging.getLogger(__name__)
@@ -187,7 +189,7 @@ def _path_patch_sets(model: Any, pair: PatchPair, sender_sets: list[tuple[dict, 
     base_batch, src_batch = base_and_source(pair, direction)
     recv = _receivers(model, base_batch, receivers)
     met = PairMetric(model, pair, metric, first_token)
-    n, B, L = model.cfg.n_layers, len(pair), pair.seq_len
+    n, B = model.cfg.n_layers, len(pair)
     z_names = [f"blocks.{i}.attn.hook_z" for i in range(n)]
     # cache only what the runs read: senders' activations from the source run, frozen ones from the base run
     src_names = {z_names[lyr] for z, _ in sender_sets for lyr in z} | {
@@ -200,7 +202,6 @@ def _path_patch_sets(model: Any, pair: PatchPair, sender_sets: list[tuple[dict, 
         base_names |= {f"blocks.{i}.hook_mlp_out" for i in range(first, n)}
     _, base_cache = model.run_with_cache(base_batch, names_filter=lambda x: x in base_names, return_type=None)
     base = CleanRun.record(model, base_batch, keep_logits=not met.reads_last_only)
-    base_logits = base.logits
     clean_score, corr_score = met.score(pair.clean), met.score(pair.corrupted)
 
     raw = torch.full((len(sender_sets),), float("nan"))
@@ -210,56 +211,53 @@ def _path_patch_sets(model: Any, pair: PatchPair, sender_sets: list[tuple[dict, 
                     len(sender_sets) - len(live))
     stop = min(n, max(lr + 1 if name.endswith("hook_resid_pre") or ".attn." in name else lr for name, _, lr, _ in recv))
     r_l0 = min(lr if not name.endswith("resid_post") else n - 1 for name, _, lr, _ in recv)
-    r_p0 = min(int(m.reshape(B, L, -1).any(-1).any(0).nonzero()[0]) for _, _, _, m in recv)
     for ch in chunks(len(live), B, max_rows):
         idx = [live[i] for i in ch]
         k = len(idx)
         sets = [sender_sets[i] for i in idx]
-        s_l0 = min(min([*z.keys(), *res.keys()]) for z, res in sets)
-        l0 = min(s_l0, r_l0)
-        # ---- run 2: senders patched, `freeze` held at base, receivers' inputs recorded
-        hooks = []
-        for layer in range(l0, n):
-            zm = torch.zeros(k * B, L, model.cfg.n_heads, dtype=torch.bool, device=base_batch.tokens.device)
-            for j, (z, _) in enumerate(sets):
-                if layer in z:
-                    zm[j * B:(j + 1) * B] = z[layer]
-            name = z_names[layer]
-            if freeze == "none" or name not in base_cache:
-                if zm.any():
-                    hooks.append((name, patch_hook(model, "head", zm, src_cache[name], L)))
-            else:
-                src = src_cache[name] if name in src_cache else base_cache[name]
-                hooks.append((name, patch_hook(model, "head", zm, src, L, fallback=base_cache[name])))
-            rl = sorted({lyr for _, res in sets for lyr in res})
-            if layer in rl:
-                rm = torch.zeros(k * B, L, dtype=torch.bool, device=zm.device)
-                for j, (_, res) in enumerate(sets):
-                    if layer in res:
-                        rm[j * B:(j + 1) * B] = res[layer]
-                rname = f"blocks.{layer}.hook_resid_pre"
-                hooks.append((rname, patch_hook(model, "pos", rm, src_cache[rname], L)))
-            if freeze == "heads+mlps":
-                mname = f"blocks.{layer}.hook_mlp_out"
-                full = torch.ones(k * B, L, dtype=torch.bool, device=zm.device)
-                hooks.append((mname, patch_hook(model, "pos", full, base_cache[mname], L)))
+        l0 = min(min(min([*z.keys(), *res.keys()]) for z, res in sets), r_l0)
+        # ---- run 2: senders patched, `freeze` held at base, receivers' inputs recorded (one copy per set)
+        configs = [_sender_patches(model, z, res, l0, freeze, src_cache, base_cache) for z, res in sets]
         recorded: dict[str, Tensor] = {}
 
         def record(act: Tensor, hook: Any) -> Tensor:
             recorded[hook.name] = act.clone()  # noqa: B023 (used within this iteration)
             return act
 
-        hooks += [(name, record) for name, _, _, _ in recv]
-        with model.hooks(fwd_hooks=hooks):
+        with apply_stack(model, base_batch, configs), model.hooks(fwd_hooks=[(nm, record) for nm, _, _, _ in recv]):
             base.suffix_pass(model, l0, 0, k, with_cache=False, stop_at_layer=stop)()
-        # ---- run 3: base run with only the receivers' inputs replaced
-        hooks3 = [(name, patch_hook(model, kind, m.repeat(k, *([1] * (m.dim() - 1))), recorded[name], L))
-                  for name, kind, _, m in recv]
-        p0 = min(r_p0, L - 1)
-        run = base.suffix_pass(model, r_l0, p0, k, met.needs_cache, last_only=met.reads_last_only)
-        with model.hooks(fwd_hooks=hooks3):
-            raw[idx] = met.evaluate(run, k, base_batch, base_logits[:, :p0] if base_logits is not None else None)
+        # ---- run 3: base run with only the receivers' inputs replaced (copy j gets set j's recorded inputs)
+        configs = [tuple(Patch(nm, m, recorded[nm][j * B:(j + 1) * B], kind) for nm, kind, _, m in recv)
+                   for j in range(k)]
+        vals = run(model, base, configs, met.metric)
+        if not torch.isfinite(vals).all():
+            raise NumericalError("Patched metric values contain NaN/inf; check the model dtype (float32).")
+        raw[idx] = vals.mean(1)
     return raw, clean_score, corr_score, met.name
+
+
+def _sender_patches(model: Any, z: dict[int, Tensor], res: dict[int, Tensor], l0: int, freeze: str,
+                    src_cache: Any, base_cache: Any) -> tuple[Patch, ...]:
+    """One sender set as patches: head outputs and residuals from the source run; with ``freeze``, every other
+    head output (and MLP output) of layers ``l0 …`` held at its base-run value."""
+    out = []
+    for layer in range(l0, model.cfg.n_layers):
+        name = f"blocks.{layer}.attn.hook_z"
+        zm = z.get(layer)
+        if freeze != "none" and name in base_cache:
+            site = zm if zm is not None else torch.zeros_like(base_cache[name][..., 0], dtype=torch.bool)
+            src = src_cache[name] if name in src_cache else base_cache[name]
+            out.append(Patch(name, site, src, "head", fallback=base_cache[name]))
+        elif zm is not None and zm.any():
+            out.append(Patch(name, zm, src_cache[name], "head"))
+        if layer in res:
+            rname = f"blocks.{layer}.hook_resid_pre"
+            out.append(Patch(rname, res[layer], src_cache[rname], "pos"))
+        if freeze == "heads+mlps":
+            mname = f"blocks.{layer}.hook_mlp_out"
+            full = torch.ones(base_cache[mname].shape[:2], dtype=torch.bool, device=base_cache[mname].device)
+            out.append(Patch(mname, full, base_cache[mname], "pos"))
+    return tuple(out)
 
 
 def _default_freeze(z: dict, freeze: str | None) -> str:

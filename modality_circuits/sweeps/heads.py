@@ -30,7 +30,7 @@ from .._types import Float
 from ..engine import CleanRun, chunked, run
 from ..errors import InterventionError
 from ..interventions.heads import ScaleHeads, mean_z
-from ..lens import _answer_dirs, _final_norm_weight
+from ..lens import _answer_dirs, answer_direction, direct_effect
 from ..metrics import AnswerMetric, iter_batches, relative_change
 from ..spans import GroupSpec
 
@@ -114,16 +114,15 @@ def attribution_batch(model: Any, batch: Any, mode: str = "zero", baseline: Tens
 @torch.no_grad()
 def dla_batch(model: Any, batch: Any) -> Float[Tensor, "layer n_heads batch"]:
     """Direct contribution of each head to the first-token LD at the last position (frozen final scale)."""
-    f, c = _answer_dirs(model, batch.samples)
     names = [f"blocks.{i}.attn.hook_z" for i in range(model.cfg.n_layers)] + ["ln_final.hook_scale"]
     _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names, return_type=None)
-    d = (model.W_U[:, f] - model.W_U[:, c]).T * _final_norm_weight(model)  # [batch, d_model]
+    d = answer_direction(model, batch.samples)  # [batch, d_model]
     scale = cache["ln_final.hook_scale"][:, -1]  # [batch, 1]
     out = []
     for i in range(model.cfg.n_layers):
         z = cache[f"blocks.{i}.attn.hook_z"][:, -1]  # [batch, n_heads, d_head]
-        res = torch.einsum("bhd,hdm->bhm", z, model.W_O[i]) / scale[:, None]
-        out.append((res * d[:, None]).sum(-1).T)
+        per_head = torch.einsum("bhd,hdm->hbm", z, model.W_O[i])  # [n_heads, batch, d_model]
+        out.append(direct_effect(per_head, d, scale))
     return torch.stack(out).cpu()
 
 

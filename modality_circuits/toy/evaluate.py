@@ -1,51 +1,15 @@
-"""Evaluation of a model on held-out synthetic data (``modality-circuits evaluate``) and the toy model card.
-
-Reports, in closed form (full-answer log-probabilities): MFR for vision-following and text-following conflict
-samples, accuracy on consistent samples and on the single-modality probes, and failure counts; for conflict
-samples also the open form (greedy generation matched against the answers).
-"""
+"""The toy model card, written from the training summary and :func:`~modality_circuits.evaluation.evaluate_model`'s
+held-out numbers."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
-from ..data.synthetic import synthetic
-from ..metrics import mfr_open, score_dataset
+from ..evaluation import EVAL_SEED, evaluate_model  # noqa: F401  (the model card's numbers come from there)
 
 logger = logging.getLogger(__name__)
-
-EVAL_SEED = 10_007  # held-out: training uses ToyConfig.seed's stream
-
-
-def evaluate_model(model: Any, n: int = 200, seed: int = EVAL_SEED, batch_size: int = 50, progress: bool = True,
-                   image_size: int | None = None) -> dict:
-    """Closed-form accuracies on fresh synthetic samples (``n`` per condition)."""
-    size = image_size or getattr(model.image_encoder, "image_size", 32)
-    sets = {
-        "conflict_follow_image": synthetic(n, seed=seed, kind="conflict", follow="image", image_size=size),
-        "conflict_follow_text": synthetic(n, seed=seed + 1, kind="conflict", follow="text", image_size=size),
-        "consistent": synthetic(n, seed=seed + 2, kind="consistent", image_size=size),
-        "image_probe": synthetic(n, seed=seed + 3, kind="image_probe", image_size=size),
-        "text_probe": synthetic(n, seed=seed + 4, kind="text_probe", image_size=size),
-    }
-    out: dict[str, Any] = {"n_per_condition": n, "seed": seed}
-    for name, samples in sets.items():
-        s = score_dataset(model, samples, batch_size=batch_size, progress=progress)
-        ok = s.followed
-        out[name] = {"accuracy": round(float(ok.float().mean()), 4), "failures": int((~ok).sum())}
-        by_task: dict[str, float] = {}
-        for t in sorted({x.task for x in samples}):
-            idx = [i for i, x in enumerate(samples) if x.task == t]
-            by_task[t] = round(float(ok[idx].float().mean()), 4)
-        out[name]["by_task"] = by_task
-        if name.startswith("conflict"):
-            o = mfr_open(model, samples, batch_size=batch_size, progress=progress)
-            out[name]["open_form"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in o.items()}
-    return out
-
 
 def write_model_card(out_dir: Path, summary: dict) -> None:
     """README.md model card next to the checkpoint, from the training summary (data spec, seed, time, metrics)."""

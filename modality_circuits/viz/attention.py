@@ -37,18 +37,6 @@ def circuitsvis_bundle() -> str:
     return path.read_text(encoding="utf-8").replace("</script>", "")
 
 
-def _token_labels(model: Any, ids: Sequence[int]) -> list[str]:
-    out, k = [], 0
-    img = model.image_encoder.image_token_id
-    for t in ids:
-        if t == img:
-            out.append(f"<img_{k}>")
-            k += 1
-        else:
-            out.append(str(model.tokenizer.convert_ids_to_tokens(int(t))))
-    return out
-
-
 @torch.no_grad()
 def attention_view_props(model: Any, batch: Any, i: int, heads: Sequence[Sequence[int]],
                          groups: Sequence[str] | None = DEFAULT_GROUPS, pool: Sequence[str] | None = None,
@@ -77,7 +65,7 @@ def attention_view_props(model: Any, batch: Any, i: int, heads: Sequence[Sequenc
         keep = one.spans.mask(present, allow_empty=True)[0].cpu() & valid if present else valid.clone()
     pos = keep.nonzero().flatten().tolist()
     ids = one.tokens[0].cpu().tolist()
-    labels_all = _token_labels(model, ids)
+    labels_all = model.token_labels(ids)
     if pool is None:
         pool = [g for g in present if int(one.spans.mask(g, allow_empty=True)[0].sum()) > pool_above]
     # units: each kept position, or one pooled unit per pooled group (placed at the group's first position)

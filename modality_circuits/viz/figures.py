@@ -23,13 +23,13 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from ..data.sample import CONDITION_LABELS
 from ..metrics import summarize
 
 logger = logging.getLogger(__name__)
 
 #: Display names of the two conditions (the instructed modality) and of the control sample kinds.
-CONDITION_LABELS = {"image": "vision-following", "text": "text-following", "consistent": "consistent samples",
-                    "image_probe": "image-only probes", "text_probe": "text-only probes"}
+
 PALETTE = qualitative.Plotly + qualitative.D3
 #: Signed scores get a diverging colour scale centred on 0; non-negative ones a sequential scale.
 SIGNED_METHODS = ("ablation", "attribution", "dla")

@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from ..data.sample import CONDITION_LABELS
 from ..errors import ModalityCircuitsError
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class ImageAttention:
     def title(self) -> str:
         where = ("all layers" if self.layer is None else f"layer {self.layer}") + ", " + (
             "mean over heads" if self.head is None else f"head {self.head}")
-        cond = {"image": "vision-following", "text": "text-following"}.get(self.condition or "", self.condition)
+        cond = CONDITION_LABELS.get(self.condition or "", self.condition)
         return (f"{self.sample_id}{f' ({cond})' if cond else ''} — query: {self.query} — {where} — "
                 f"{100 * self.mass:.1f}% of its attention on the image")
 

@@ -1,0 +1,75 @@
+"""Evaluation of a model on a sample set: MFR per condition (closed and open form) and general-ability accuracy.
+
+One path for every caller (``modality-circuits evaluate`` on synthetic held-out sets or on a JSON file, and the
+``mfr`` stage of ``reproduce``): closed form from full-answer log-probabilities
+(:func:`~modality_circuits.metrics.score_dataset`), open form from greedy generations matched against the answers
+(:func:`~modality_circuits.metrics.generations`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from .data.synthetic import synthetic
+from .metrics import generations, score_dataset
+
+#: Held-out evaluation seed for synthetic sets (training uses ToyConfig.seed's stream).
+EVAL_SEED = 10_007
+#: The evaluation sets, in report order.
+SETS = ("conflict_follow_image", "conflict_follow_text", "consistent", "image_probe", "text_probe")
+
+
+def summarize_accuracy(df: pd.DataFrame) -> dict:
+    """Per evaluation set: ``accuracy``, ``failures``, ``n`` and ``by_task`` from a per-sample score table
+    (:meth:`~modality_circuits.metrics.FollowingScores.to_frame` with samples)."""
+    out: dict[str, Any] = {}
+    groups = [("conflict_follow_image", (df["kind"] == "conflict") & (df["follow"] == "image")),
+              ("conflict_follow_text", (df["kind"] == "conflict") & (df["follow"] == "text"))]
+    groups += [(k, df["kind"] == k) for k in ("consistent", "image_probe", "text_probe")]
+    for name, m in groups:
+        d = df[m]
+        if d.empty:
+            continue
+        out[name] = {"accuracy": round(float(d["followed"].mean()), 4), "failures": int((~d["followed"]).sum()),
+                     "n": int(len(d)),
+                     "by_task": {t: round(float(g["followed"].mean()), 4) for t, g in d.groupby("task")}}
+    return out
+
+
+def evaluate_samples(model: Any, samples: Sequence[Any], batch_size: int = 32, progress: bool = True
+                     ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """``(summary, per-sample scores, generations)`` of a sample set; the summary adds the open form
+    (``{"mfr", "competitor", "other", "n"}``) to each conflict condition."""
+    samples = list(samples)
+    scores = score_dataset(model, samples, batch_size=batch_size, progress=progress).to_frame(samples)
+    ev = summarize_accuracy(scores)
+    conflict = [s for s in samples if s.kind == "conflict"]
+    gen = generations(model, conflict, batch_size=batch_size, progress=progress) if conflict else pd.DataFrame(
+        columns=["sample_id", "condition", "task", "generation", "outcome"])
+    for cond in ("image", "text"):
+        g = gen[gen["condition"] == cond]
+        if len(g) and f"conflict_follow_{cond}" in ev:
+            ev[f"conflict_follow_{cond}"]["open_form"] = {
+                k: round(float((g["outcome"] == o).mean()), 4) for k, o in
+                (("mfr", "follow"), ("competitor", "competitor"), ("other", "other"))} | {"n": int(len(g))}
+    return ev, scores, gen
+
+
+def synthetic_sets(n: int, seed: int = EVAL_SEED, image_size: int = 32) -> list[Any]:
+    """The five held-out synthetic sets (``n`` each, seeds ``seed … seed+4``), concatenated in :data:`SETS` order."""
+    return (synthetic(n, seed=seed, kind="conflict", follow="image", image_size=image_size)
+            + synthetic(n, seed=seed + 1, kind="conflict", follow="text", image_size=image_size)
+            + synthetic(n, seed=seed + 2, kind="consistent", image_size=image_size)
+            + synthetic(n, seed=seed + 3, kind="image_probe", image_size=image_size)
+            + synthetic(n, seed=seed + 4, kind="text_probe", image_size=image_size))
+
+
+def evaluate_model(model: Any, n: int = 200, seed: int = EVAL_SEED, batch_size: int = 50, progress: bool = True,
+                   image_size: int | None = None) -> dict:
+    """Accuracies on fresh held-out synthetic sets (``n`` per set): the model card's numbers."""
+    size = image_size or getattr(model.image_encoder, "image_size", 32)
+    ev, _, _ = evaluate_samples(model, synthetic_sets(n, seed, size), batch_size, progress)
+    return {"n_per_condition": n, "seed": seed, **ev}
