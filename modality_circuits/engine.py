@@ -137,7 +137,7 @@ def can_split_last_block(model: HookedMLLM) -> bool:
 
 @torch.no_grad()
 def run(model: HookedMLLM, clean: CleanRun, configs: Sequence[Config], metric: MetricLike = "p_binary", *,
-        prefix: bool = True) -> Float[Tensor, "config batch"]:
+        prefix: bool = True) -> Float[Tensor, "config batch *rest"]:
     """Score ``configs`` side by side in one forward that recomputes only what they can change.
 
     Args:

@@ -70,6 +70,6 @@ def synthetic_sets(n: int, seed: int = EVAL_SEED, image_size: int = 32) -> list[
 def evaluate_model(model: Any, n: int = 200, seed: int = EVAL_SEED, batch_size: int = 50, progress: bool = True,
                    image_size: int | None = None) -> dict:
     """Accuracies on fresh held-out synthetic sets (``n`` per set): the model card's numbers."""
-    size = image_size or getattr(model.image_encoder, "image_size", 32)
+    size = image_size or model.image_encoder.native_image_size or 32
     ev, _, _ = evaluate_samples(model, synthetic_sets(n, seed, size), batch_size, progress)
     return {"n_per_condition": n, "seed": seed, **ev}

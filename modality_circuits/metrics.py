@@ -64,7 +64,8 @@ PromptPass = Callable[[], tuple[Tensor, Any]]
 
 
 def answer_logprobs(model: Any, batch: MLLMBatch, answers: Sequence[Sequence[str]], first_token: bool = False,
-                    prompt_pass: PromptPass | None = None, with_first: bool = False) -> Float[Tensor, "batch k"]:
+                    prompt_pass: PromptPass | None = None, with_first: bool = False
+                    ) -> Float[Tensor, "batch k"] | tuple[Float[Tensor, "batch k"], Float[Tensor, "batch k"]]:
     """Log-probability of each of ``k`` answers per prompt (full answer, or first token only).
 
     Args:
@@ -248,7 +249,7 @@ class AnswerMetric:
         return any(len(tokenize_answer(model.tokenizer, a)) > 1 for row in self.pairs(batch) for a in row)
 
     def logprobs(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None,
-                 copies: int = 1, with_first: bool = False) -> Float[Tensor, "rows 2"]:
+                 copies: int = 1, with_first: bool = False) -> Float[Tensor, "rows k"]:
         """``[copies·batch, 2]`` log-probabilities of (f, c), config-major (``with_first``: ``[rows, 4]`` with the
         first tokens' appended)."""
         lp = answer_logprobs(model, batch, self.pairs(batch) * copies, first_token=self.first_token,
@@ -261,7 +262,7 @@ class AnswerMetric:
         return lp
 
     def __call__(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
-                 clean_logits: Tensor | None = None) -> Float[Tensor, "copies batch"]:
+                 clean_logits: Tensor | None = None) -> Float[Tensor, "copies batch *rest"]:
         lp = self.logprobs(model, batch, prompt_pass, copies, with_first=self.kind == "logprobs")
         if self.kind == "logprobs":
             return lp.view(copies, len(batch), 4)
@@ -289,7 +290,7 @@ class LogitsMetric:
         return False
 
     def __call__(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
-                 clean_logits: Tensor | None = None) -> Float[Tensor, "copies batch"]:
+                 clean_logits: Tensor | None = None) -> Float[Tensor, "copies batch *rest"]:
         B = len(batch)
         logits = prompt_pass()[0] if prompt_pass is not None else model(batch)
         skipped = batch.seq_len - logits.shape[1]  # positions the engine did not recompute (clean prefix)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -78,6 +78,14 @@ class ChatTemplate:
         if self.assistant_prefix:
             out.append(Segment("template", self.assistant_prefix))
         return out
+
+
+@runtime_checkable
+class PromptLayout(Protocol):
+    """How user segments become the full prompt: :class:`ChatTemplate` (hand-written) or
+    :class:`~modality_circuits.chat_template.HFChatTemplate` (the checkpoint's own Jinja template)."""
+
+    def render(self, segments: Sequence[Segment]) -> list[Segment]: ...
 
 
 @dataclass
@@ -197,7 +205,7 @@ def _open_image(image: Any) -> Any:
 def build_batch(
     segment_lists: Sequence[Sequence[Segment]],
     tokenizer: Any,
-    template: ChatTemplate,
+    template: PromptLayout,
     image_token: str,
     encode_images: Callable[[list[Any]], tuple[dict[str, Any], list[int]]],
     samples: list[Any] | None = None,

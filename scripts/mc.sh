@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up .venv (pinned, idempotent) and then runs
 #   bash scripts/mc.sh reproduce [ARGS...]   the main job (modality-circuits reproduce)
-#   bash scripts/mc.sh test [PYTEST ARGS...]  the test suite (what .ci/run calls; installs chromium if it can)
+#   bash scripts/mc.sh test [PYTEST ARGS...]  ruff, then the test suite (what .ci/run calls; installs chromium if it can)
 #   bash scripts/mc.sh setup                  only the environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +51,8 @@ case "$cmd" in
   test)
     setup
     ensure_chromium
+    echo "[mc] ruff check (configuration in pyproject.toml)" >&2
+    "$VENV/bin/ruff" check .
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: bash scripts/mc.sh {reproduce|test|setup} [args...]" >&2; exit 2 ;;
 esac

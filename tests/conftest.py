@@ -13,6 +13,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from collections.abc import Callable  # noqa: E402
+
+# Tensor shapes checked at run time in the test run: every annotated function of the package is wrapped by
+# jaxtyping + beartype when the package is first imported (MC_TYPECHECK=0 turns it off).
+if os.environ.get("MC_TYPECHECK", "1") != "0":
+    from jaxtyping import install_import_hook
+
+    _typecheck_hook = install_import_hook("modality_circuits", "typecheck.checker")
+
 from types import SimpleNamespace  # noqa: E402
 from typing import Any
 
@@ -205,3 +213,35 @@ def make_multi_token_samples() -> list[Any]:
 @pytest.fixture(scope="session")
 def multi_samples() -> list[Any]:
     return make_multi_token_samples()
+
+
+# ------------------------------------------------------------------------------------------- habits
+#: Test files that take the longest (training, notebooks, whole CLI runs): ``pytest -m "not slow"`` skips them.
+SLOW_FILES = ("test_notebooks.py", "toy/test_train.py", "cli/test_cli.py", "cli/test_architectures.py")
+
+
+def pytest_collection_modifyitems(config: Any, items: list) -> None:
+    for item in items:
+        path = str(item.path).replace(os.sep, "/")
+        if any(path.endswith(f) for f in SLOW_FILES):
+            item.add_marker(pytest.mark.slow)
+
+
+def _models_in(value: Any) -> list[HookedMLLM]:
+    if isinstance(value, HookedMLLM):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [m for v in value for m in _models_in(v)]
+    return []
+
+
+@pytest.fixture(autouse=True)
+def no_hook_left_behind(request: pytest.FixtureRequest):
+    """Every model a test used carries no hook afterwards (hooks are global state: only context managers attach
+    them, and they must remove them, also when the test's code raised)."""
+    yield
+    for value in list(request.node.funcargs.values()):
+        for model in _models_in(value):
+            left = [name for name, hp in model.hook_dict.items()
+                    if hp._forward_hooks or hp._backward_hooks or hp.fwd_hooks or hp.bwd_hooks]
+            assert not left, f"hooks left behind on {left[:5]}"

@@ -30,7 +30,6 @@ from .run import (  # noqa: F401
     DEFAULT_MODEL,
     DTYPES,
     HEAD_METHODS,
-    PACKAGE_ROOT,
     Run,
     _csv_list,
     _jsonable,

@@ -13,18 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModalityCircuitsError
+from ..resources import toy_model_path
 
 logger = logging.getLogger(__name__)
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-#: The shipped toy model (``assets/toy-llava`` next to the package).
-DEFAULT_MODEL = PACKAGE_ROOT / "assets" / "toy-llava"
+#: The shipped toy model (package resource ``modality_circuits/resources/toy-llava``).
+DEFAULT_MODEL = toy_model_path()
 DTYPES = ("float32", "bfloat16", "float16")
 HEAD_METHODS = ("ablation", "attribution", "dla", "attention")
 
 
 def default_model_path() -> Path:
-    """The shipped toy model's directory (``assets/toy-llava``)."""
+    """The shipped toy model's directory (a package resource; ``assets/toy-llava`` in a source checkout)."""
     return DEFAULT_MODEL
 
 
@@ -172,7 +172,7 @@ def load_model(args: argparse.Namespace, run: Run | None = None) -> Any:
             "path": str(path.resolve()), "architecture": (cfg.get("architectures") or ["?"])[0],
             "sha256": sha256_weights(path), "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
             "d_model": model.cfg.d_model, "dtype": args.dtype, "device": args.device,
-            "image_tokens": getattr(model.image_encoder, "tokens_per_image", None)}
+            "image_tokens": model.image_encoder.fixed_tokens_per_image}
         run.manifest["torch_threads"] = torch.get_num_threads()
     return model
 
@@ -186,7 +186,7 @@ def load_data(args: argparse.Namespace, model: Any, run: Run | None = None) -> t
         if n < 4:
             raise ModalityCircuitsError(f"--n must be at least 4 (got {n}): both conditions and two splits need "
                                         "samples.")
-        size = int(getattr(model.image_encoder, "image_size", 32))
+        size = model.image_encoder.native_image_size or 32
         conflict = synthetic(n, seed=args.seed, kind="conflict", image_size=size)
         ng = args.n_general if args.n_general is not None else max(4, n // 4)
         general = [s for k, kind in enumerate(("consistent", "image_probe", "text_probe"))

@@ -107,7 +107,7 @@ def failed_pool(model: Any, args: argparse.Namespace) -> list:
     n = args.n_failed_pool  # >= 0, checked by cli.main
     if n == 0 or args.data not in (None, "synthetic"):
         return []
-    size = int(getattr(model.image_encoder, "image_size", 32))
+    size = model.image_encoder.native_image_size or 32
     return [dataclasses.replace(s, id=f"pool-{s.id}")
             for s in synthetic(n, seed=args.seed + 7919, kind="conflict", image_size=size)]
 

@@ -60,7 +60,7 @@ class Scene:
         return getattr(self, task)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb: tuple) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple, rgb: tuple) -> None:  # box: 4 ints (numpy ok)
     x0, y0, x1, y1 = box
     if shape == "circle":
         draw.ellipse(box, fill=rgb)

@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, no_type_check
 
 import torch
 from torch import Tensor
@@ -62,6 +62,7 @@ def normalize_heads(model: HookedMLLM, heads: HeadSet) -> dict[int, list[int]]:
     return out
 
 
+@no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
 def _check_alpha(alpha: float) -> float:
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)) or alpha < 0:
         raise InterventionError(f"Scale α must be a finite number >= 0 (0 = ablate, 1 = identity, >1 = amplify); "
@@ -89,6 +90,7 @@ def mean_z(model: HookedMLLM, reference: MLLMBatch | Sequence[Any], batch_size: 
     return (total / count).to(model.cfg.dtype)
 
 
+@no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
 @dataclass(frozen=True, eq=False)
 class ScaleHeads(Intervention):
     """``z' = baseline + alpha · (z − baseline)`` for ``heads`` at ``positions`` (module doc).
@@ -150,6 +152,7 @@ def _scale_z(s: Tensor, pos: Tensor | None, base: Tensor | None) -> HookFn:
     return fn
 
 
+@no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
 @dataclass(frozen=True, eq=False)
 class ScaleAttention(Intervention):
     """Scale ``heads``' attention from ``dst`` queries to ``src`` keys by ``alpha > 0`` (renormalised)."""
@@ -199,6 +202,7 @@ def head_scale_hooks(model: HookedMLLM, heads: HeadSet, alpha: float = 0.0, posi
 
 
 @contextmanager
+@no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
 def block_heads(model: HookedMLLM, heads: HeadSet, mode: str = "zero", reference: Any = None,
                 positions: GroupSpec | None = None, batch: MLLMBatch | None = None) -> Iterator[HookedMLLM]:
     """Context manager: zero- or mean-ablate ``heads`` (mean needs a ``reference`` batch or sample list;
@@ -213,6 +217,7 @@ def block_heads(model: HookedMLLM, heads: HeadSet, mode: str = "zero", reference
 
 
 @contextmanager
+@no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
 def amplify_heads(model: HookedMLLM, heads: HeadSet, alpha: float, positions: GroupSpec | None = None,
                   batch: MLLMBatch | None = None) -> Iterator[HookedMLLM]:
     """Context manager: multiply the output of ``heads`` by ``alpha`` (at ``positions`` of ``batch``)."""
@@ -237,6 +242,7 @@ def attention_scale_hooks(model: HookedMLLM, batch: MLLMBatch, heads: HeadSet, a
 
 
 @contextmanager
+@no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
 def amplify_attention(model: HookedMLLM, batch: Any, heads: HeadSet, alpha: float, src: GroupSpec,
                       dst: GroupSpec = "last") -> Iterator[HookedMLLM]:
     """Context manager form of :class:`ScaleAttention` (``batch``: the batch, or its spans)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, no_type_check
 
 import torch
 from torch import Tensor
@@ -58,6 +58,7 @@ def mask_scores(scores: Float[Tensor, "batch n_heads q_pos k_pos"], mask: Tensor
     return scores.masked_fill(m, float("-inf"))
 
 
+@no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
 @dataclass(frozen=True, eq=False)
 class Knockout(Intervention):
     """``src ↛ dst`` at ``layers`` (and only query heads ``heads`` of each, if given).

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, no_type_check
 
 import torch
 from torch import Tensor
@@ -48,6 +48,7 @@ def site_first_position(site: Tensor, kind: str) -> int:
     return int(idx[0]) if len(idx) else int(pos.shape[0])
 
 
+@no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
 @dataclass(frozen=True, eq=False)
 class Patch(Intervention):
     """Write ``source`` at ``site`` of activation ``hook_name`` (and ``fallback`` elsewhere, if given).

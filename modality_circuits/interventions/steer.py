@@ -8,7 +8,7 @@ position is steered, answer continuations included. A vector per sample (``[batc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, no_type_check
 
 from torch import Tensor
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..models.hooked_mllm import HookedMLLM
 
 
+@no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
 @dataclass(frozen=True, eq=False)
 class Steer(Intervention):
     """Add ``scale · vector`` (``[d_model]`` or ``[batch, d_model]``) to ``resid_pre`` of ``layer`` at ``group``."""

@@ -88,6 +88,17 @@ class Adapter(nn.Module):
     def default_template(self) -> ChatTemplate:
         return ChatTemplate()
 
+    @property
+    def native_image_size(self) -> int | None:
+        """The square size (pixels) images are encoded at, when the architecture has one (LLaVA's fixed input);
+        None where the processor keeps each image's own size (Qwen-VL)."""
+        return None
+
+    @property
+    def fixed_tokens_per_image(self) -> int | None:
+        """Image tokens per image when every image gives the same count (LLaVA), else None (Qwen-VL: per grid)."""
+        return None
+
     def image_grid(self, model_inputs: dict[str, Any], k: int) -> ImageGrid:
         """The patch grid of the ``k``-th image of a batch's encoder inputs (for attention-over-image views)."""
         raise NotImplementedError(f"{type(self).__name__} does not describe its image grid.")

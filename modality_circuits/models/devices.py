@@ -9,7 +9,7 @@ checked (and printed) before loading.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from transformer_lens.utilities.multi_gpu import get_device_for_block_index
@@ -17,6 +17,7 @@ from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 from ..errors import CheckpointError
 
 
+@no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
 def check_n_devices(device: str | torch.device, n_devices: int) -> None:
     """``n_devices`` is a positive int, and more than one needs CUDA devices that exist."""
     if not isinstance(n_devices, int) or isinstance(n_devices, bool) or n_devices < 1:

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from torch import Tensor
@@ -64,6 +64,7 @@ class HookedMLLM(HookedTransformer):
 
     # ================================================================== loading
     @classmethod
+    @no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
     def from_hf(cls, hf_model: torch.nn.Module, tokenizer: Any, image_processor: Any = None, *,
                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                 template: ChatTemplate | None = None, fold_ln: bool = False, center_writing_weights: bool = False,
@@ -75,6 +76,7 @@ class HookedMLLM(HookedTransformer):
         ``n_devices > 1`` splits the blocks over ``cuda:0 … cuda:n-1`` as TransformerLens does
         (:func:`~modality_circuits.models.devices.placement`); the vision tower sits with the first block.
         """
+        check_n_devices(device or next(hf_model.parameters(), torch.empty(0)).device, n_devices)  # before typed calls
         return cls._convert(hf_model, tokenizer, image_processor, dtype=dtype, device=device, template=template,
                             fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                             center_unembed=center_unembed, fold_value_biases=fold_value_biases, source=source,
@@ -215,7 +217,7 @@ class HookedMLLM(HookedTransformer):
                 "Each image needs exactly its token count of placeholders; build prompts with model.prepare().")
         return embed.masked_scatter(image_mask[..., None], image_features.to(embed.dtype))
 
-    def forward(self, input: Any, images: Sequence[Sequence[ImageLike]] | None = None, *,  # type: ignore[override]
+    def forward(self, input: Any, images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None, *,  # type: ignore[override]
                 return_type: str | None = "logits", attention_mask: Tensor | None = None,
                 start_at_layer: int | None = None, stop_at_layer: int | None = None,
                 past_kv_cache: TransformerLensKeyValueCache | None = None, tokens: Tensor | None = None,
@@ -286,7 +288,7 @@ class HookedMLLM(HookedTransformer):
 
     # ================================================================ generation
     @torch.no_grad()
-    def generate(self, input: Any, images: Sequence[Sequence[ImageLike]] | None = None,  # type: ignore[override]
+    def generate(self, input: Any, images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,  # type: ignore[override]
                  max_new_tokens: int = 10, eos_token_id: int | None = None, return_type: str = "tokens",
                  use_past_kv_cache: bool = True, verbose: bool = False) -> Any:
         """Greedy generation with images; hooks active around the call apply to every step.

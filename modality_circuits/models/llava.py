@@ -56,6 +56,14 @@ class LlavaAdapter(Adapter):
         return ChatTemplate(system=LLAVA_SYSTEM, user_prefix="USER: ", sep="\n", image_sep="\n",
                             assistant_prefix=" ASSISTANT:")
 
+    @property
+    def native_image_size(self) -> int | None:
+        return self.image_size
+
+    @property
+    def fixed_tokens_per_image(self) -> int | None:
+        return self.tokens_per_image
+
     def image_grid(self, model_inputs: dict[str, Any], k: int) -> ImageGrid:
         side = self.image_size // self.patch_size
         return ImageGrid(side, side, has_cls=self.vision_feature_select_strategy == "full")

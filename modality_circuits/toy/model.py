@@ -12,6 +12,7 @@ from typing import Any
 
 from ..data.synthetic import vocabulary
 from ..prompts import ChatTemplate
+from ..resources import toy_model_path
 
 TOY_SYSTEM = "You are a careful visual assistant."
 TOY_TEMPLATE = ChatTemplate(system=TOY_SYSTEM + " ", user_prefix="USER: ", sep="\n", image_sep="\n",
@@ -101,7 +102,7 @@ def load_or_init_toy(path: Any = None) -> tuple[Any, str]:
 
     from ..models import HookedMLLM
 
-    path = Path(path) if path is not None else Path(__file__).resolve().parents[2] / "assets" / "toy-llava"
+    path = Path(path) if path is not None else toy_model_path()
     if (path / "config.json").exists():
         return HookedMLLM.from_pretrained(path), f"shipped toy model ({path.name})"
     tok = word_level_tokenizer()

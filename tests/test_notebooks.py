@@ -19,7 +19,7 @@ import pytest
 
 from modality_circuits.cli import default_model_path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 RUN_IN_CI = sorted(NB_DIR.glob("0[1-4]*.ipynb"))
 MODEL = Path(os.environ.get("MC_MODEL") or default_model_path())

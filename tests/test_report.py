@@ -20,7 +20,7 @@ from modality_circuits import cli, viz
 from modality_circuits.report import ERROR_COLLECTOR, build_report
 from modality_circuits.viz.export import find_chromium
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("MC_ARTIFACTS", ROOT / "runs" / "test-artifacts"))
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; "
