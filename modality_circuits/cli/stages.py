@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModalityCircuitsError
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -15,7 +18,7 @@ from .run import HEAD_METHODS, Run, _csv_list, parse_edges, parse_layers, usable
 
 
 # ================================================================================================ stages
-def stage_evaluate(run: Run, model: Any, conflict: list, general: list, args: argparse.Namespace) -> dict:
+def stage_evaluate(run: Run, model: HookedMLLM, conflict: list, general: list, args: argparse.Namespace) -> dict:
     """MFR per condition (closed and open form) and general-ability accuracy on the analysed samples.
 
     Writes ``evaluate.json``, ``mfr.csv`` (per-sample scores) and ``generations.csv`` (greedy answers, classified).
@@ -39,7 +42,7 @@ def accuracy_line(ev: dict) -> str:
                      f"{v.get('n', '?')})" for k, v in ev.items() if isinstance(v, dict) and "accuracy" in v)
 
 
-def stage_knockout(run: Run, model: Any, conflict: list, args: argparse.Namespace) -> Any:
+def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
     from ..metrics import summarize
     from ..sweeps.knockout import DEFAULT_EDGES, knockout_sweep
 
@@ -63,7 +66,7 @@ def stage_knockout(run: Run, model: Any, conflict: list, args: argparse.Namespac
     return df
 
 
-def stage_contributions(run: Run, model: Any, conflict: list, args: argparse.Namespace) -> Any:
+def stage_contributions(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
     from ..lens import contributions
 
     with run.stage("contributions") as info:
@@ -79,7 +82,7 @@ def stage_contributions(run: Run, model: Any, conflict: list, args: argparse.Nam
     return df
 
 
-def stage_anchors(run: Run, model: Any, conflict: list, args: argparse.Namespace) -> Any:
+def stage_anchors(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
     from ..lens import anchor_readout
 
     with run.stage("anchors") as info:
@@ -97,7 +100,7 @@ def stage_anchors(run: Run, model: Any, conflict: list, args: argparse.Namespace
     return df
 
 
-def failed_pool(model: Any, args: argparse.Namespace) -> list:
+def failed_pool(model: HookedMLLM, args: argparse.Namespace) -> list:
     """``--n-failed-pool`` extra seeded synthetic conflict samples (own ids, own seed) searched for failures to
     amplify; empty for JSON data, whose samples are all in the analysis already."""
     import dataclasses
@@ -112,7 +115,7 @@ def failed_pool(model: Any, args: argparse.Namespace) -> list:
             for s in synthetic(n, seed=args.seed + 7919, kind="conflict", image_size=size)]
 
 
-def stage_heads(run: Run, model: Any, conflict: list, general: list, args: argparse.Namespace) -> Any:
+def stage_heads(run: Run, model: HookedMLLM, conflict: list, general: list, args: argparse.Namespace) -> Any:
     import pandas as pd
 
     from ..sweeps.head_experiment import heads_experiment
@@ -164,7 +167,7 @@ def stage_heads(run: Run, model: Any, conflict: list, general: list, args: argpa
     return res
 
 
-def stage_attention_views(run: Run, model: Any, samples: list, heads: list, args: argparse.Namespace) -> None:
+def stage_attention_views(run: Run, model: HookedMLLM, samples: list, heads: list, args: argparse.Namespace) -> None:
     """circuitsvis views of ``heads`` (the top heads by score) and attention over the image, one sample per
     condition (from the evaluation split)."""
     from ..errors import ModalityCircuitsError as MCE
@@ -219,7 +222,7 @@ def _image_donors(samples: list) -> tuple[list, list]:
     return out_s, out_d
 
 
-def stage_patching(run: Run, model: Any, conflict: list, args: argparse.Namespace) -> Any:
+def stage_patching(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
     """Activation patching of the residual stream by token group for the instruction-flip pair, and path
     patching image → {instruction, last} residual per layer for the image-swap pair.
 

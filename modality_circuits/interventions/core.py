@@ -12,13 +12,16 @@ repeats rows and takes the last ``q_len`` query positions; positions beyond the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .._types import Bool
 from ..errors import InterventionError
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 
 def align_rows(t: Tensor, n_rows: int) -> Tensor:
@@ -60,7 +63,7 @@ def align_positions(mask: Tensor, n_rows: int, q_len: int, offset: int = 0) -> T
     return m.narrow(1, offset, q_len)
 
 
-def check_layers(model: Any, layers: Sequence[int] | int) -> list[int]:
+def check_layers(model: HookedMLLM, layers: Sequence[int] | int) -> list[int]:
     """Normalise layers (negative indexing allowed) and check the range."""
     n = model.cfg.n_layers
     layers = [layers] if isinstance(layers, int) else list(layers)
@@ -72,7 +75,7 @@ def check_layers(model: Any, layers: Sequence[int] | int) -> list[int]:
     return sorted(set(out))
 
 
-def check_heads(model: Any, heads: Sequence[int] | None) -> list[int] | None:
+def check_heads(model: HookedMLLM, heads: Sequence[int] | None) -> list[int] | None:
     if heads is None:
         return None
     H = model.cfg.n_heads

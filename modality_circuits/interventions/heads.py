@@ -243,7 +243,7 @@ def attention_scale_hooks(model: HookedMLLM, batch: MLLMBatch, heads: HeadSet, a
 
 @contextmanager
 @no_type_check  # validates its own arguments: a wrong type gets the project's error, not a type checker's
-def amplify_attention(model: HookedMLLM, batch: Any, heads: HeadSet, alpha: float, src: GroupSpec,
+def amplify_attention(model: HookedMLLM, batch: MLLMBatch, heads: HeadSet, alpha: float, src: GroupSpec,
                       dst: GroupSpec = "last") -> Iterator[HookedMLLM]:
     """Context manager form of :class:`ScaleAttention` (``batch``: the batch, or its spans)."""
     from .knockout import _as_batch

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .._types import Bool, Float
+from ..errors import InterventionError
 from ..models.forward_state import ForwardState
 from ..prompts import MLLMBatch
 from ..spans import GroupSpec, Spans, check_group_spec
@@ -66,17 +67,21 @@ class Knockout(Intervention):
     Attributes:
         src, dst: key and query token groups (:data:`~modality_circuits.spans.GroupSpec`).
         layers: a layer or layers (negative indices allowed).
-        heads: per-layer head indices to cut (None: all heads).
+        heads: ``(layer, head)`` pairs to cut, each in one of ``layers`` (None: every head of those layers).
         allow_empty: accept a group that is empty in some sample (that sample is then unchanged).
     """
 
     src: GroupSpec
     dst: GroupSpec
     layers: int | Sequence[int]
-    heads: Sequence[int] | None = None
+    heads: Sequence[tuple[int, int]] | None = None
     allow_empty: bool = False
 
     def __post_init__(self) -> None:
+        if self.heads is not None:
+            from .heads import as_head_pairs
+
+            object.__setattr__(self, "heads", as_head_pairs(self.heads))
         object.__setattr__(self, "src", check_group_spec(self.src, "knockout source"))
         object.__setattr__(self, "dst", check_group_spec(self.dst, "knockout destination"))
         if not isinstance(self.layers, int):
@@ -90,18 +95,29 @@ class Knockout(Intervention):
 
     def hooks(self, model: HookedMLLM, batch: MLLMBatch) -> list[tuple[str, HookFn]]:
         layers = check_layers(model, self.layers)
-        heads = check_heads(model, self.heads)
+        per_layer: dict[int, list[int] | None] = {layer: None for layer in layers}
+        if self.heads is not None:
+            per_layer = {layer: [] for layer in layers}
+            for layer, head in self.heads:
+                layer = check_layers(model, [layer])[0]
+                if layer not in per_layer:
+                    raise InterventionError(f"Knockout head ({layer}, {head}) is not in the knockout's layers "
+                                            f"{layers}.")
+                per_layer[layer].append(check_heads(model, [head])[0])
+            per_layer = {layer: hs for layer, hs in per_layer.items() if hs}
         m = edge_mask(batch.spans, self.src, self.dst, self.allow_empty)
 
-        def fn(scores: Tensor, state: ForwardState) -> Tensor:
-            return mask_scores(scores, m, heads)
+        def make(heads: list[int] | None) -> HookFn:
+            def fn(scores: Tensor, state: ForwardState) -> Tensor:
+                return mask_scores(scores, m, heads)
+            return fn
 
-        return [(f"blocks.{layer}.attn.hook_attn_scores", fn) for layer in layers]
+        return [(f"blocks.{layer}.attn.hook_attn_scores", make(hs)) for layer, hs in per_layer.items()]
 
 
 @contextmanager
 def knockout(model: HookedMLLM, spans_or_batch: Spans | MLLMBatch, src: GroupSpec, dst: GroupSpec,
-             layers: Sequence[int] | int, heads: Sequence[int] | None = None,
+             layers: Sequence[int] | int, heads: Sequence[tuple[int, int]] | None = None,
              allow_empty: bool = False) -> Iterator[HookedMLLM]:
     """Context manager: every forward inside runs with ``src ↛ dst`` knocked out at ``layers``.
 
@@ -116,7 +132,7 @@ def knockout(model: HookedMLLM, spans_or_batch: Spans | MLLMBatch, src: GroupSpe
 
 
 def knockout_hooks(model: HookedMLLM, spans: Spans | MLLMBatch, src: GroupSpec, dst: GroupSpec,
-                   layers: Sequence[int] | int, heads: Sequence[int] | None = None,
+                   layers: Sequence[int] | int, heads: Sequence[tuple[int, int]] | None = None,
                    allow_empty: bool = False) -> list[tuple[str, Any]]:
     """TransformerLens forward hooks of :class:`Knockout` (for ``model.hooks(...)`` / ``run_with_hooks``)."""
     from .base import config_hooks

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -56,6 +56,9 @@ from .engine import (
     position_labels,
 )
 from .pairs import PatchPair
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def check_component(component: str) -> tuple[str, str]:
     return COMPONENTS[component]
 
 
-def n_heads_of(model: Any, component: str) -> int:
+def n_heads_of(model: HookedMLLM, component: str) -> int:
     """Heads of a component's activation (key/value heads for ``k``/``v``)."""
     if component in ("k", "v"):
         return int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
@@ -101,7 +104,7 @@ def _positions(L: int, positions: Sequence[int] | None) -> list[int]:
     return out
 
 
-def _targets(model: Any, pair: PatchPair, component: str, kind: str, by: str, layers: list[int],
+def _targets(model: HookedMLLM, pair: PatchPair, component: str, kind: str, by: str, layers: list[int],
              heads: Sequence[int] | None, positions: Sequence[int] | None, groups: Sequence[str] | None):
     """Patch targets in output order: ``(layer, site mask in prompt coordinates)``, plus axes and labels."""
     B, L = len(pair), pair.seq_len
@@ -157,7 +160,7 @@ def _targets(model: Any, pair: PatchPair, component: str, kind: str, by: str, la
 
 
 @torch.no_grad()
-def activation_patch(model: Any, pair: PatchPair, component: str = "resid_pre", by: str = "pos",
+def activation_patch(model: HookedMLLM, pair: PatchPair, component: str = "resid_pre", by: str = "pos",
                      metric: MetricLike = "logit_diff", direction: str = "denoise", layers: Sequence[int] | None = None,
                      heads: Sequence[int] | None = None, positions: Sequence[int] | None = None,
                      groups: Sequence[str] | None = None, first_token: bool = False, normalize: bool = True,
@@ -221,57 +224,57 @@ def activation_patch(model: Any, pair: PatchPair, component: str = "resid_pre", 
 
 
 # ----------------------------------------------------------------------------------------- named versions
-def patch_resid_pre(model: Any, pair: PatchPair, by: str = "pos", **kw: Any) -> PatchResult:
+def patch_resid_pre(model: HookedMLLM, pair: PatchPair, by: str = "pos", **kw: Any) -> PatchResult:
     """Residual stream at the start of each block. ``[layer, pos]`` / ``[layer, group]`` / ``[layer]``."""
     return activation_patch(model, pair, "resid_pre", by, **kw)
 
 
-def patch_resid_mid(model: Any, pair: PatchPair, by: str = "pos", **kw: Any) -> PatchResult:
+def patch_resid_mid(model: HookedMLLM, pair: PatchPair, by: str = "pos", **kw: Any) -> PatchResult:
     """Residual stream between attention and MLP. ``[layer, pos]`` / ``[layer, group]`` / ``[layer]``."""
     return activation_patch(model, pair, "resid_mid", by, **kw)
 
 
-def patch_resid_post(model: Any, pair: PatchPair, by: str = "pos", **kw: Any) -> PatchResult:
+def patch_resid_post(model: HookedMLLM, pair: PatchPair, by: str = "pos", **kw: Any) -> PatchResult:
     """Residual stream at the end of each block. ``[layer, pos]`` / ``[layer, group]`` / ``[layer]``."""
     return activation_patch(model, pair, "resid_post", by, **kw)
 
 
-def patch_attn_out(model: Any, pair: PatchPair, by: str = "pos", **kw: Any) -> PatchResult:
+def patch_attn_out(model: HookedMLLM, pair: PatchPair, by: str = "pos", **kw: Any) -> PatchResult:
     """Attention layer output. ``[layer, pos]`` / ``[layer, group]`` / ``[layer]``."""
     return activation_patch(model, pair, "attn_out", by, **kw)
 
 
-def patch_mlp_out(model: Any, pair: PatchPair, by: str = "pos", **kw: Any) -> PatchResult:
+def patch_mlp_out(model: HookedMLLM, pair: PatchPair, by: str = "pos", **kw: Any) -> PatchResult:
     """MLP output. ``[layer, pos]`` / ``[layer, group]`` / ``[layer]``."""
     return activation_patch(model, pair, "mlp_out", by, **kw)
 
 
-def patch_head_out(model: Any, pair: PatchPair, by: str = "head", **kw: Any) -> PatchResult:
+def patch_head_out(model: HookedMLLM, pair: PatchPair, by: str = "head", **kw: Any) -> PatchResult:
     """Each head's output ``z``. ``[layer, head]`` / ``[layer, pos, head]`` / ``[layer, group, head]``."""
     return activation_patch(model, pair, "z", by, **kw)
 
 
-def patch_head_q(model: Any, pair: PatchPair, by: str = "head", **kw: Any) -> PatchResult:
+def patch_head_q(model: HookedMLLM, pair: PatchPair, by: str = "head", **kw: Any) -> PatchResult:
     """Each head's queries. ``[layer, head]`` / ``[layer, pos, head]`` / ``[layer, group, head]``."""
     return activation_patch(model, pair, "q", by, **kw)
 
 
-def patch_head_k(model: Any, pair: PatchPair, by: str = "head", **kw: Any) -> PatchResult:
+def patch_head_k(model: HookedMLLM, pair: PatchPair, by: str = "head", **kw: Any) -> PatchResult:
     """Each key/value head's keys. ``[layer, kv_head]`` / ``[layer, pos, kv_head]`` / ``[layer, group, kv_head]``."""
     return activation_patch(model, pair, "k", by, **kw)
 
 
-def patch_head_v(model: Any, pair: PatchPair, by: str = "head", **kw: Any) -> PatchResult:
+def patch_head_v(model: HookedMLLM, pair: PatchPair, by: str = "head", **kw: Any) -> PatchResult:
     """Each key/value head's values. ``[layer, kv_head]`` / ``[layer, pos, kv_head]`` / ``[layer, group, kv_head]``."""
     return activation_patch(model, pair, "v", by, **kw)
 
 
-def patch_head_pattern(model: Any, pair: PatchPair, by: str = "head", **kw: Any) -> PatchResult:
+def patch_head_pattern(model: HookedMLLM, pair: PatchPair, by: str = "head", **kw: Any) -> PatchResult:
     """Each head's attention pattern. ``[layer, head]`` / ``[layer, head, dest_pos]`` / ``[layer, head, group]``."""
     return activation_patch(model, pair, "pattern", by, **kw)
 
 
-def patch_image_embeds(model: Any, pair: PatchPair, by: str = "layer", **kw: Any) -> PatchResult:
+def patch_image_embeds(model: HookedMLLM, pair: PatchPair, by: str = "layer", **kw: Any) -> PatchResult:
     """The projected image features (``hook_image_embeds``, re-running the vision tower's output into the
     decoder). ``[]`` (all image tokens) / ``[pos]`` / ``[group]``."""
     return activation_patch(model, pair, "image_embeds", by, **kw)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,9 @@ from ..errors import AnswerError, InterventionError
 from ..metrics import MetricLike, as_metric, tokenize_answer
 from ..prompts import MLLMBatch
 from .pairs import PatchPair
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,8 @@ class PairMetric:
     """A :class:`~modality_circuits.metrics.Metric` bound to a pair, reduced to one value per copy (the mean over
     the pair's rows). Named answer metrics score the pair's ``(clean answer, corrupted answer)``."""
 
-    def __init__(self, model: Any, pair: PatchPair, metric: MetricLike = "logit_diff", first_token: bool = False):
+    def __init__(self, model: HookedMLLM, pair: PatchPair, metric: MetricLike = "logit_diff",
+                 first_token: bool = False):
         self.model, self.pair = model, pair
         named = isinstance(metric, str)
         if named and metric not in METRICS:
@@ -154,7 +158,7 @@ class PatchResult:
         return df
 
 
-def position_labels(model: Any, batch: MLLMBatch, positions: Sequence[int], row: int = 0) -> list[str]:
+def position_labels(model: HookedMLLM, batch: MLLMBatch, positions: Sequence[int], row: int = 0) -> list[str]:
     """Unique labels ``"<pos> <token>"`` of padded positions (row ``row``; image tokens ``<img_k>``)."""
     ids = batch.tokens[row].tolist()
     real = [p for p, a in enumerate(batch.attention_mask[row].tolist()) if a]

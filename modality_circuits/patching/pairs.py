@@ -34,7 +34,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,9 @@ from ..data.sample import INSTRUCTIONS
 from ..errors import AnswerError, SpanError
 from ..prompts import MLLMBatch
 from ..spans import Spans
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +161,7 @@ class PatchPair:
         return cls(clean, corrupted, list(answers) if answers is not None else None, kind, unaligned)
 
     @classmethod
-    def from_samples(cls, model: Any, clean: Sequence[Any], corrupted: Sequence[Any],
+    def from_samples(cls, model: HookedMLLM, clean: Sequence[Any], corrupted: Sequence[Any],
                      answers: Sequence[tuple[str, str]] | None = None, kind: str = "custom",
                      align: bool = True) -> PatchPair:
         """A pair from two lists of samples (or segment lists), prepared with ``model`` and aligned."""
@@ -180,7 +183,7 @@ def default_answers(clean: Sequence[Any], corrupted: Sequence[Any]) -> list[tupl
     return out
 
 
-def instruction_flip(model: Any, samples: Sequence[Any]) -> PatchPair:
+def instruction_flip(model: HookedMLLM, samples: Sequence[Any]) -> PatchPair:
     """Clean = the samples; corrupted = the same image and context with the *other* modality instruction.
 
     The corrupted sample follows the other modality, so the metric compares the clean following answer with the
@@ -198,7 +201,8 @@ def instruction_flip(model: Any, samples: Sequence[Any]) -> PatchPair:
     return PatchPair.from_samples(model, samples, flipped, answers, kind="instruction")
 
 
-def _swap(model: Any, samples: Sequence[Any], donors: Sequence[Any], part: str, answer: str, kind: str) -> PatchPair:
+def _swap(model: HookedMLLM, samples: Sequence[Any], donors: Sequence[Any], part: str, answer: str,
+          kind: str) -> PatchPair:
     if len(donors) != len(samples):
         raise SpanError(f"Got {len(donors)} donors for {len(samples)} samples; give one donor per sample.")
     corrupted, answers = [], []
@@ -210,7 +214,7 @@ def _swap(model: Any, samples: Sequence[Any], donors: Sequence[Any], part: str, 
     return PatchPair.from_samples(model, samples, corrupted, answers, kind=kind)
 
 
-def image_swap(model: Any, samples: Sequence[Any], donors: Sequence[Any]) -> PatchPair:
+def image_swap(model: HookedMLLM, samples: Sequence[Any], donors: Sequence[Any]) -> PatchPair:
     """Clean = the samples; corrupted = the same text with donor ``i``'s image (and image answer).
 
     Answers: ``(sample.answer_img, donor.answer_img)`` (donors should ask the same task).
@@ -218,7 +222,7 @@ def image_swap(model: Any, samples: Sequence[Any], donors: Sequence[Any]) -> Pat
     return _swap(model, samples, donors, "image", "answer_img", "image")
 
 
-def context_swap(model: Any, samples: Sequence[Any], donors: Sequence[Any]) -> PatchPair:
+def context_swap(model: HookedMLLM, samples: Sequence[Any], donors: Sequence[Any]) -> PatchPair:
     """Clean = the samples; corrupted = the same image with donor ``i``'s text context (and text answer).
 
     Answers: ``(sample.answer_text, donor.answer_text)``.

@@ -1,5 +1,6 @@
 """Path patching (Wang et al. 2022, "Interpretability in the Wild"), in token-group terms.
 
+
 Path patching measures the effect of **senders** on the output that flows *only through* chosen **receivers**.
 With ``direction="noise"`` (the default, as in the paper) the base run is the **clean** prompt and sender
 activations come from the **corrupted** prompt; ``direction="denoise"`` swaps the roles. The standard three runs:
@@ -31,7 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -43,8 +44,12 @@ from ..interventions.core import check_heads, check_layers
 from ..interventions.heads import normalize_heads
 from ..interventions.patch import Patch
 from ..metrics import MetricLike
+from ..prompts import MLLMBatch
 from .engine import PairMetric, PatchResult, base_and_source, chunks, normalise
 from .pairs import PatchPair
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +95,7 @@ class ResidAt:
     layer: int = -1
 
 
-def _gmask(batch: Any, group: GroupSel, pair: PatchPair | None = None) -> Tensor:
+def _gmask(batch: MLLMBatch, group: GroupSel, pair: PatchPair | None = None) -> Tensor:
     if group is None:
         return torch.ones(len(batch), batch.seq_len, dtype=torch.bool, device=batch.tokens.device)
     if pair is not None:
@@ -106,7 +111,7 @@ def _as_list(x: Any) -> list:
     return list(x) if x is not None else []
 
 
-def _senders(model: Any, pair: PatchPair, senders: Any) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+def _senders(model: HookedMLLM, pair: PatchPair, senders: Any) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
     """Sender set -> (``{layer: Bool[batch, pos, head]}`` head sites, ``{layer: Bool[batch, pos]}`` resid sites)."""
     items = _as_list(senders)
     loose = [s for s in items if isinstance(s, (tuple, list)) and not isinstance(s, (HeadOutputs, GroupResid))]
@@ -133,7 +138,7 @@ def _senders(model: Any, pair: PatchPair, senders: Any) -> tuple[dict[int, Tenso
     return z, res
 
 
-def _receivers(model: Any, batch: Any, receivers: Any) -> list[tuple[str, str, int, Tensor]]:
+def _receivers(model: HookedMLLM, batch: MLLMBatch, receivers: Any) -> list[tuple[str, str, int, Tensor]]:
     """Receivers -> ``[(hook name, site kind, layer, site mask)]`` in base-run coordinates."""
     items = _as_list(receivers)
     n, H = model.cfg.n_layers, model.cfg.n_heads
@@ -180,7 +185,7 @@ def _has_path(z: dict[int, Tensor], res: dict[int, Tensor], recv: list) -> bool:
 
 
 @torch.no_grad()
-def _path_patch_sets(model: Any, pair: PatchPair, sender_sets: list[tuple[dict, dict]], receivers: Any,
+def _path_patch_sets(model: HookedMLLM, pair: PatchPair, sender_sets: list[tuple[dict, dict]], receivers: Any,
                      metric: MetricLike, direction: str, freeze: str, first_token: bool, max_rows: int
                      ) -> tuple[Tensor, float, float, str]:
     """Raw metric of every sender set (NaN where no sender reaches a receiver), clean and corrupted scores."""
@@ -236,7 +241,7 @@ def _path_patch_sets(model: Any, pair: PatchPair, sender_sets: list[tuple[dict, 
     return raw, clean_score, corr_score, met.name
 
 
-def _sender_patches(model: Any, z: dict[int, Tensor], res: dict[int, Tensor], l0: int, freeze: str,
+def _sender_patches(model: HookedMLLM, z: dict[int, Tensor], res: dict[int, Tensor], l0: int, freeze: str,
                     src_cache: Any, base_cache: Any) -> tuple[Patch, ...]:
     """One sender set as patches: head outputs and residuals from the source run; with ``freeze``, every other
     head output (and MLP output) of layers ``l0 …`` held at its base-run value."""
@@ -264,7 +269,7 @@ def _default_freeze(z: dict, freeze: str | None) -> str:
     return freeze if freeze is not None else ("heads" if z else "none")
 
 
-def path_patch(model: Any, pair: PatchPair, senders: Any, receivers: Any, metric: MetricLike = "logit_diff",
+def path_patch(model: HookedMLLM, pair: PatchPair, senders: Any, receivers: Any, metric: MetricLike = "logit_diff",
                direction: str = "noise", freeze: str | None = None, first_token: bool = False,
                normalize: bool = True) -> PatchResult:
     """Effect of ``senders`` on the output through ``receivers`` only (module doc); a 0-d :class:`PatchResult`.
@@ -293,7 +298,7 @@ def path_patch(model: Any, pair: PatchPair, senders: Any, receivers: Any, metric
     return PatchResult(values, raw, (), {}, clean, corr, f"path[{fr}]", name, direction)
 
 
-def path_patch_heads(model: Any, pair: PatchPair, receivers: Any, layers: Sequence[int] | None = None,
+def path_patch_heads(model: HookedMLLM, pair: PatchPair, receivers: Any, layers: Sequence[int] | None = None,
                      heads: Sequence[int] | None = None, positions: GroupSel = None, metric: MetricLike = "logit_diff",
                      direction: str = "noise", freeze: str = "heads", first_token: bool = False,
                      normalize: bool = True, max_rows: int = 32) -> PatchResult:

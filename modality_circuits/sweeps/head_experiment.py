@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,9 @@ from ..interventions.base import Intervention, apply
 from ..interventions.heads import ScaleHeads, mean_z
 from ..metrics import score_dataset
 from .heads import head_scores, score_matrix, select_heads
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ def split_samples(samples: Sequence[Any], select_frac: float, seed: int) -> tupl
     return [samples[i] for i in idx[:k]], [samples[i] for i in idx[k:]]
 
 
-def _followed(model: Any, samples: Sequence[Any], interventions: Sequence[Intervention], batch_size: int
+def _followed(model: HookedMLLM, samples: Sequence[Any], interventions: Sequence[Intervention], batch_size: int
               ) -> torch.Tensor:
     with apply(model, None, *interventions):
         return score_dataset(model, samples, batch_size, progress=False).followed
@@ -75,7 +78,7 @@ def random_head_sets(n_layers: int, n_heads: int, size: int, n: int, seed: int) 
             for _ in range(n)]
 
 
-def heads_experiment(model: Any, conflict: Sequence[Any], general: Sequence[Any] = (), *, pct: float = 5.0,
+def heads_experiment(model: HookedMLLM, conflict: Sequence[Any], general: Sequence[Any] = (), *, pct: float = 5.0,
                      method: str = "ablation", select_condition: str | None = None, mode: str = "zero",
                      alphas: Sequence[float] = (2.0, 4.0, 8.0), n_random: int = 10, select_frac: float = 0.5,
                      seed: int = 0, batch_size: int = 16, progress: bool = True,

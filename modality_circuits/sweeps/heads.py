@@ -19,7 +19,7 @@ All scores are oriented so that **higher = more important for following the inst
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, no_type_check
+from typing import TYPE_CHECKING, Any, no_type_check
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,11 @@ from ..errors import InterventionError
 from ..interventions.heads import ScaleHeads, mean_z
 from ..lens import _answer_dirs, answer_direction, direct_effect
 from ..metrics import AnswerMetric, iter_batches, relative_change
+from ..prompts import MLLMBatch
 from ..spans import GroupSpec
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 METHODS = ("ablation", "attribution", "dla", "attention")
 
@@ -51,7 +55,7 @@ def _scores(lp: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def ablation_scan_batch(model: Any, batch: Any, mode: str = "zero", positions: GroupSpec | None = None,
+def ablation_scan_batch(model: HookedMLLM, batch: MLLMBatch, mode: str = "zero", positions: GroupSpec | None = None,
                         first_token: bool = False, baseline: Tensor | None = None,
                         max_configs: int | None = None) -> dict[str, Float[Tensor, "layer n_heads batch"]]:
     """Exact effect of ablating each head, for one batch: a thin wrapper over :func:`modality_circuits.engine.run`
@@ -82,7 +86,7 @@ def ablation_scan_batch(model: Any, batch: Any, mode: str = "zero", positions: G
     return {"delta": delta, "d_logit": dlog}
 
 
-def attribution_batch(model: Any, batch: Any, mode: str = "zero", baseline: Tensor | None = None,
+def attribution_batch(model: HookedMLLM, batch: MLLMBatch, mode: str = "zero", baseline: Tensor | None = None,
                       positions: GroupSpec | None = None) -> Float[Tensor, "layer n_heads batch"]:
     """Attribution patching: first-order estimate of each head's ablation effect on the first-token LD."""
     L = model.cfg.n_layers
@@ -112,7 +116,7 @@ def attribution_batch(model: Any, batch: Any, mode: str = "zero", baseline: Tens
 
 
 @torch.no_grad()
-def dla_batch(model: Any, batch: Any) -> Float[Tensor, "layer n_heads batch"]:
+def dla_batch(model: HookedMLLM, batch: MLLMBatch) -> Float[Tensor, "layer n_heads batch"]:
     """Direct contribution of each head to the first-token LD at the last position (frozen final scale)."""
     names = [f"blocks.{i}.attn.hook_z" for i in range(model.cfg.n_layers)] + ["ln_final.hook_scale"]
     _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names, return_type=None)
@@ -127,7 +131,7 @@ def dla_batch(model: Any, batch: Any) -> Float[Tensor, "layer n_heads batch"]:
 
 
 @torch.no_grad()
-def attention_mass_batch(model: Any, batch: Any, queries: Sequence[str] = ("last", "instruction")
+def attention_mass_batch(model: HookedMLLM, batch: MLLMBatch, queries: Sequence[str] = ("last", "instruction")
                          ) -> Float[Tensor, "layer n_heads batch"]:
     """Attention mass from ``queries`` to the instructed modality's tokens, per head."""
     names = [f"blocks.{i}.attn.hook_pattern" for i in range(model.cfg.n_layers)]
@@ -145,7 +149,7 @@ def attention_mass_batch(model: Any, batch: Any, queries: Sequence[str] = ("last
     return torch.stack(out).cpu()
 
 
-def head_scores(model: Any, samples: Sequence[Any], method: str = "ablation", mode: str = "zero",
+def head_scores(model: HookedMLLM, samples: Sequence[Any], method: str = "ablation", mode: str = "zero",
                 positions: GroupSpec | None = None, batch_size: int = 16, first_token: bool = False,
                 baseline: Tensor | None = None, progress: bool = True) -> pd.DataFrame:
     """Per-sample head scores as a tidy table (``layer, head, sample_id, condition, score``; higher = more important).

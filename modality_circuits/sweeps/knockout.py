@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -24,6 +24,10 @@ from ..errors import SpanError
 from ..interventions.core import check_layers, layer_window
 from ..interventions.knockout import Knockout
 from ..metrics import Metric, MetricLike, as_metric, iter_batches, relative_change
+from ..prompts import MLLMBatch
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ def _configs(n_layers: int, centers: Sequence[int], edges: Sequence[tuple[str, s
     return out
 
 
-def _check_groups(batch: Any, edges: Sequence[tuple[str, str]]) -> None:
+def _check_groups(batch: MLLMBatch, edges: Sequence[tuple[str, str]]) -> None:
     for src, dst in edges:
         for g in (src, dst):
             if g not in batch.spans:
@@ -60,7 +64,8 @@ def _check_groups(batch: Any, edges: Sequence[tuple[str, str]]) -> None:
 
 
 @torch.no_grad()
-def _sweep_batch(model: Any, batch: Any, configs: list[dict], metric: Metric, max_configs: int) -> list[dict]:
+def _sweep_batch(model: HookedMLLM, batch: MLLMBatch, configs: list[dict], metric: Metric, max_configs: int
+                 ) -> list[dict]:
     clean = CleanRun.record(model, batch)
     base = baseline(model, clean, metric)
     # configurations that share a first layer and destination share a prefix: run them side by side
@@ -84,7 +89,7 @@ def _sweep_batch(model: Any, batch: Any, configs: list[dict], metric: Metric, ma
     return rows
 
 
-def knockout_sweep(model: Any, samples: Sequence[Any], edges: Sequence[tuple[str, str]] = DEFAULT_EDGES,
+def knockout_sweep(model: HookedMLLM, samples: Sequence[Any], edges: Sequence[tuple[str, str]] = DEFAULT_EDGES,
                    centers: Sequence[int] | None = None, window: int = 1, window_mode: str = "centered",
                    batch_size: int = 16, metric: MetricLike = "p_binary", first_token: bool = False,
                    max_configs: int = 64, progress: bool = True) -> pd.DataFrame:

@@ -18,10 +18,15 @@ import logging
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from ..prompts import MLLMBatch
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ def circuitsvis_bundle() -> str:
 
 
 @torch.no_grad()
-def attention_view_props(model: Any, batch: Any, i: int, heads: Sequence[Sequence[int]],
+def attention_view_props(model: HookedMLLM, batch: MLLMBatch, i: int, heads: Sequence[Sequence[int]],
                          groups: Sequence[str] | None = DEFAULT_GROUPS, pool: Sequence[str] | None = None,
                          pool_above: int = 64) -> dict:
     """circuitsvis ``AttentionHeads`` props for sample ``i`` of ``batch`` and heads ``[(layer, head), …]``.

@@ -18,7 +18,7 @@ import io
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -27,6 +27,10 @@ from plotly.subplots import make_subplots
 
 from ..data.sample import CONDITION_LABELS
 from ..errors import ModalityCircuitsError
+from ..prompts import MLLMBatch
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +89,8 @@ class ImageAttention:
 
 
 @torch.no_grad()
-def image_attention_maps(model: Any, batch: Any, i: int = 0, specs: Sequence[Spec] = (("last", None, None),),
+def image_attention_maps(model: HookedMLLM, batch: MLLMBatch, i: int = 0,
+                         specs: Sequence[Spec] = (("last", None, None),),
                          image_index: int = 0) -> list[ImageAttention]:
     """One :class:`ImageAttention` per spec ``(query, layer, head)`` for sample ``i`` of ``batch``.
 
@@ -153,7 +158,8 @@ def image_attention_maps(model: Any, batch: Any, i: int = 0, specs: Sequence[Spe
     return out
 
 
-def image_attention(model: Any, batch: Any, i: int = 0, query: str | int = "last", layer: int | None = None,
+def image_attention(model: HookedMLLM, batch: MLLMBatch, i: int = 0, query: str | int = "last",
+                    layer: int | None = None,
                     head: int | None = None, image_index: int = 0) -> ImageAttention:
     """Attention from ``query`` to the patches of image ``image_index`` of sample ``i`` (see the module doc)."""
     return image_attention_maps(model, batch, i, [(query, layer, head)], image_index)[0]

@@ -1,5 +1,6 @@
 """Figures of activation/path patching results (plotly) and circuitsvis views of the top heads.
 
+
 * :func:`patching_heatmap`: a :class:`~modality_circuits.patching.engine.PatchResult` as a heatmap — layer ×
   position (token labels, coloured by token group in the hover), layer × group, layer × head; a 3-D result
   (``[layer, pos, head]`` …) gets one panel per entry of its last axis; 1-D results are bars.
@@ -15,11 +16,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:
+    from ..models.hooked_mllm import HookedMLLM
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +108,8 @@ def top_heads(result: Any, k: int = 5) -> list[tuple[int, int]]:
     return [(int(result.labels["layer"][i // H]), int(result.labels["head"][i % H])) for i in flat]
 
 
-def top_heads_attention(model: Any, pair: Any, result: Any, k: int = 4, groups: Sequence[str] | None = DEFAULT_GROUPS,
+def top_heads_attention(model: HookedMLLM, pair: Any, result: Any, k: int = 4,
+                        groups: Sequence[str] | None = DEFAULT_GROUPS,
                         row: int = 0, which: str = "clean", pool: Sequence[str] | None = None) -> tuple[dict, Any]:
     """circuitsvis ``AttentionHeads`` props of the top-``k`` heads of ``result`` on one prompt, restricted to
     ``groups`` (large groups pooled), and a notebook-displayable view of them.

@@ -229,7 +229,7 @@ def test_knockout_layer_and_head_out_of_range(circuit_model, syn_batch):
         with knockout(circuit_model, syn_batch.spans, "image", "last", layers=[0, 3]):
             pass
     with pytest.raises(InterventionError, match="Head index"):
-        with knockout(circuit_model, syn_batch.spans, "image", "last", layers=0, heads=[7]):
+        with knockout(circuit_model, syn_batch.spans, "image", "last", layers=0, heads=[(0, 7)]):
             pass
     assert_no_hooks(circuit_model)
 
