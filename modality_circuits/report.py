@@ -35,6 +35,8 @@ import pandas as pd
 
 from . import viz
 from .data.sample import CONDITION_LABELS
+from .patching.engine import PatchResult
+from .viz.patching import patching_heatmap
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +212,10 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, png: bo
     section("patching", "Activation patching: instruction flip", ["patching_flip.csv"], lambda df: (
         "<p class='note'>Residual stream (resid_pre) of the clean run patched, one token group × layer at a time, "
         "into the run with the other instruction; 1 = the clean answer preference fully restored, 0 = none.</p>"
-        + page.figure(viz.patching_group_heatmap(df), "patching_flip")), pf)
+        + page.figure(patching_heatmap(
+            PatchResult.from_frame(df.drop(columns=["pair"], errors="ignore")),
+            title="Activation patching of resid_pre by token group (instruction flip): 0 = corrupted, 1 = clean"),
+            "patching_flip")), pf)
     pp = _read_csv(d, "path_patching.csv")
     section("path-patching", "Path patching: image → anchors → answer", ["path_patching.csv"], lambda df: (
         "<p class='note'>Image-swap pair: the image tokens' layer-0 residual from the other image, passed on only "

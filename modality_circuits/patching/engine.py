@@ -145,6 +145,22 @@ class PatchResult:
         """Share of the clean−corrupted gap the patch moves: ``values`` (denoise) or ``1 − values`` (noise)."""
         return self.values if self.direction == "denoise" else 1 - self.values
 
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame) -> PatchResult:
+        """The result back from its tidy table (:meth:`to_frame`), e.g. read from a run's CSV: the axes are the
+        columns before ``value``, in order."""
+        cols = list(df.columns)
+        axes = tuple(cols[:cols.index("value")])
+        labels = {a: list(dict.fromkeys(df[a].tolist())) for a in axes}
+        shape = tuple(len(labels[a]) for a in axes)
+        values, raw = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+        for _, r in df.iterrows():
+            idx = tuple(labels[a].index(r[a]) for a in axes)
+            values[idx], raw[idx] = float(r["value"]), float(r["raw"])
+        first = df.iloc[0] if len(df) else {}
+        return cls(values, raw, axes, labels, float("nan"), float("nan"), str(first.get("component", "?")),
+                   str(first.get("metric", "?")), str(first.get("direction", "denoise")))
+
     def to_frame(self) -> pd.DataFrame:
         """Tidy table: one row per patch target (axis labels, ``value``, ``raw``)."""
         if self.shape:

@@ -14,18 +14,17 @@
 from .attention import attention_heads_html, attention_view_props, circuitsvis_bundle, show_attention_heads
 from .export import png_export_available, save_png
 from .figures import (
-                      CONDITION_LABELS,
-                      anchor_lines,
-                      contribution_bars,
-                      head_heatmaps,
-                      knockout_curves,
-                      patching_group_heatmap,
-                      path_effect_lines,
-                      results_table_html,
+    CONDITION_LABELS,
+    anchor_lines,
+    contribution_bars,
+    head_heatmaps,
+    knockout_curves,
+    path_effect_lines,
+    results_table_html,
 )
 from .image_attention import ImageAttention, image_attention, image_attention_figure, image_attention_maps
 
 __all__ = ["CONDITION_LABELS", "ImageAttention", "anchor_lines", "attention_heads_html", "attention_view_props",
            "circuitsvis_bundle", "contribution_bars", "head_heatmaps", "image_attention", "image_attention_figure",
-           "image_attention_maps", "knockout_curves", "path_effect_lines", "patching_group_heatmap",
-           "png_export_available", "results_table_html", "save_png", "show_attention_heads"]
+           "image_attention_maps", "knockout_curves", "path_effect_lines", "png_export_available",
+           "results_table_html", "save_png", "show_attention_heads"]

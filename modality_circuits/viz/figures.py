@@ -285,18 +285,6 @@ def results_table_html(summary: pd.DataFrame, split: Mapping[str, Any] | None = 
     return f"{note}<table class='results'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def patching_group_heatmap(df: pd.DataFrame, title: str = "Patching resid_pre by token group") -> go.Figure:
-    """Heatmap layer × token group of a tidy patching table (``layer``, ``group``, ``value``)."""
-    if df.empty:
-        return _empty(title, "no patching results")
-    m = df.pivot_table(index="layer", columns="group", values="value", aggfunc="mean")
-    fig = go.Figure(go.Heatmap(z=m.to_numpy(), x=list(m.columns), y=[f"L{i}" for i in m.index], colorscale="RdBu",
-                               zmid=0, colorbar={"title": "restored"}))
-    fig.update_layout(title=title, xaxis_title="token group", yaxis_title="layer", height=380,
-                      yaxis={"autorange": "reversed"})
-    return fig
-
-
 def path_effect_lines(df: pd.DataFrame, title: str = "Path patching: effect through each receiver") -> go.Figure:
     """Lines: effect (share of the sender's effect flowing through the receiver) per receiver layer."""
     if df.empty:

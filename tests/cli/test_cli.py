@@ -82,7 +82,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_subcommand_exists() -> None:
     assert set(subcommands()) == {"reproduce", "evaluate", "knockout", "contributions", "anchors", "heads",
-                                  "train-toy", "report"}
+                                  "train-toy", "report", "fetch-base"}
 
 
 @pytest.mark.parametrize("command", sorted(subcommands()))
@@ -97,7 +97,7 @@ def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture
         names = action.option_strings or [action.metavar or action.dest]
         for name in names:
             assert name in out, f"{command} --help does not mention {name}"
-    if command not in ("train-toy", "report"):
+    if command not in ("train-toy", "report", "fetch-base"):
         for opt in ("--model", "--data", "--images", "--question", "--n", "--seed", "--device", "--dtype", "--out",
                     "--batch-size", "--quiet"):
             assert opt in out, f"{command} lacks the common option {opt}"

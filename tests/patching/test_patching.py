@@ -361,3 +361,13 @@ def test_figures(circuit_model, flip_pair):
     assert len(props["tokens"]) == n_ctx + 1 and "AttentionHeads" in view._repr_html_()
     df = heads.to_frame()
     assert len(df) == heads.values.numel() and {"layer", "head", "value", "raw"} <= set(df.columns)
+
+
+def test_result_round_trips_through_its_table(circuit_model, text_pair):
+    from modality_circuits.patching import PatchResult
+
+    res = activation_patch(circuit_model, text_pair, "resid_pre", by="group", layers=[0, 2])
+    back = PatchResult.from_frame(res.to_frame())
+    assert back.axes == res.axes and back.labels == res.labels
+    assert torch.allclose(back.values, res.values.float(), equal_nan=True)
+    assert (back.component, back.metric, back.direction) == (res.component, res.metric, res.direction)
