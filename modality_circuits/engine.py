@@ -22,7 +22,7 @@ rotary positions (M-RoPE) travel with the clean run's batch; nothing is read fro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -192,5 +192,4 @@ def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-Runner = Callable[..., Tensor]
 __all__ = ["CleanRun", "baseline", "can_split_last_block", "chunked", "run"]

@@ -6,7 +6,7 @@ All scores are oriented so that **higher = more important for following the inst
   when the head's ``hook_z`` is zero- or mean-ablated (at all positions, or only at chosen positions).
   Batched: all heads of a layer are ablated side by side (one copy of the batch per head) in one forward that
   starts at that layer from cached residuals and, for position-restricted ablation, at the first ablated
-  position with cached keys/values (:mod:`modality_circuits.sweeps.prefix`). Also reports the change of the
+  position with cached keys/values (:func:`modality_circuits.engine.run`). Also reports the change of the
   first-token logit difference (``ablation_logit``), the quantity attribution patching approximates.
 * ``attribution`` (attribution patching): one forward and one backward; ``−Σ_pos ∂LD/∂z · (baseline − z)``,
   the first-order estimate of the ablation's effect on the first-token logit difference ``LD``.
