@@ -123,6 +123,15 @@ def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}", classes="data")
 
 
+def _study_sizes(manifest: dict) -> str:
+    """The profile and the sample counts / layer windows the run used (what the report's numbers rest on)."""
+    a = manifest.get("args", {})
+    keys = ("n", "n_general", "centers", "window", "method", "heatmap_methods", "n_random", "n_failed_pool", "n_patch",
+            "patch_every")
+    sizes = ", ".join(f"{k}={a[k]}" for k in keys if a.get(k) is not None)
+    return f"{manifest.get('study_profile', '?')} profile: {sizes}" if sizes else "?"
+
+
 def _summary_section(manifest: dict | None, evaluation: dict | None) -> str:
     parts = []
     if manifest:
@@ -133,7 +142,8 @@ def _summary_section(manifest: dict | None, evaluation: dict | None) -> str:
                 ("model", m.get("path", "?")), ("architecture", m.get("architecture", "?")),
                 ("data", d.get("source", "?")), ("conflict samples", d.get("n_conflict", "?")),
                 ("general-ability samples", d.get("n_general", "?")), ("seed", manifest.get("seed", "?")),
-                ("command", manifest.get("command", "?"))]) + "</table>")
+                ("command", manifest.get("command", "?")),
+                ("study sizes", _study_sizes(manifest))]) + "</table>")
     if evaluation:
         rows = []
         for key in ("conflict_follow_image", "conflict_follow_text", "consistent", "image_probe", "text_probe"):

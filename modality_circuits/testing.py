@@ -157,3 +157,33 @@ def tiny_toy_checkpoint(path: Any, seed: int = 0) -> Any:
                     seed=seed)
     tok = word_level_tokenizer()
     return save_checkpoint(toy_llava(tok, cfg), tok, path)
+
+
+def tiny_base(folder: Any, seed: int = 0) -> Any:
+    """A tiny stand-in for the converted SmolLM2 base in ``folder`` (a cache's ``smollm2-135m-instruct``): a 2-layer
+    tied-embedding ``LlamaForCausalLM``, a BPE tokenizer with the ChatML specials, and a ``BASE.json`` manifest as
+    :func:`modality_circuits.base_lm.ensure_base` writes it. For SmolLLaVA build/train/delta tests without the real
+    base."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .base_lm import MANIFEST, sha256_file
+
+    folder = Path(folder)
+    tok = tiny_bpe_tokenizer(DEFAULT_CORPUS + " SmolLM Hugging Face helpful named trained four bottom purple",
+                             image_token="<|endoftext|>", extra_specials=("<|im_start|>", "<|im_end|>"))
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|im_end|>"
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, rope_theta=100000.0, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"source": "tiny test base", "files": files, "weights_sha256": {
+        "model.safetensors": sha256_file(folder / "model.safetensors")}}))
+    return folder

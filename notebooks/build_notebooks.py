@@ -18,12 +18,12 @@ SETUP = """import os
 import torch
 
 from modality_circuits import HookedMLLM
-from modality_circuits.cli import default_model_path
+from modality_circuits.resources import toy_model_path
 
 if "MC_THREADS" in os.environ:
     torch.set_num_threads(int(os.environ["MC_THREADS"]))
 torch.manual_seed(0)
-MODEL = os.environ.get("MC_MODEL", str(default_model_path()))  # the shipped toy LLaVA by default
+MODEL = os.environ.get("MC_MODEL", str(toy_model_path()))  # the shipped toy LLaVA by default
 model = HookedMLLM.from_pretrained(MODEL)
 print(type(model.image_encoder).__name__, f"{model.cfg.n_layers} layers x {model.cfg.n_heads} heads,",
       f"d_model {model.cfg.d_model}, {model.image_encoder.tokens_per_image} image tokens per image")"""

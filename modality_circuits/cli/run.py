@@ -17,15 +17,58 @@ from ..resources import toy_model_path
 
 logger = logging.getLogger(__name__)
 
-#: The shipped toy model (package resource ``modality_circuits/resources/toy-llava``).
-DEFAULT_MODEL = toy_model_path()
+#: Named models ``--model`` accepts besides a checkpoint directory: the real-LM default (the shipped SmolLLaVA delta,
+#: materialised into the cache on first use) and the shipped toy (package resource ``resources/toy-llava``).
+MODEL_NAMES = ("smollava", "toy")
+DEFAULT_MODEL = "smollava"
 DTYPES = ("float32", "bfloat16", "float16")
 HEAD_METHODS = ("ablation", "attribution", "dla", "attention")
 
 
-def default_model_path() -> Path:
-    """The shipped toy model's directory (a package resource; ``assets/toy-llava`` in a source checkout)."""
-    return DEFAULT_MODEL
+def resolve_model(spec: str | Path | None) -> Path:
+    """The checkpoint directory of ``--model``: a named model (:data:`MODEL_NAMES`; default ``smollava``) or a path.
+
+    ``smollava`` materialises the shipped delta on the cached base (:func:`~modality_circuits.smollava.materialise`;
+    a clear error says to run ``modality-circuits fetch-base`` where the base cannot be fetched).
+    """
+    spec = DEFAULT_MODEL if spec in (None, "") else spec
+    if spec == "toy":
+        return toy_model_path()
+    if spec == "smollava":
+        from ..smollava import materialise
+
+        return materialise()
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--model: model directory not found: {path} (or use a named model: "
+                                f"{', '.join(MODEL_NAMES)})")
+    return path
+
+
+#: What the analyses run when an option is left out. ``full`` (models of at most 8 layers, e.g. the toy) is the whole
+#: study; ``budget`` (deeper models, e.g. SmolLLaVA's 30 layers) is sized so ``reproduce`` on SmolLLaVA fits 15 minutes
+#: on 2 CPU cores: fewer samples, 3-layer knockout windows on every third layer, gradient-based head selection
+#: (attribution) instead of 270 ablation passes, fewer random controls and path patching on every third layer.
+#: An option given on the command line always wins; the profile used is recorded in the manifest and the report.
+STUDY_PROFILES: dict[str, dict[str, Any]] = {
+    "full": {"n": 200, "centers": None, "window": 1, "method": "ablation",
+             "heatmap_methods": "ablation,attribution,dla,attention", "n_random": 10, "n_failed_pool": 1000,
+             "n_patch": 16, "patch_every": 1},
+    "budget": {"n": 40, "centers": "1,4,7,10,13,16,19,22,25,28", "window": 3, "method": "attribution",
+               "heatmap_methods": "attribution,dla,attention", "n_random": 5, "n_failed_pool": 200,
+               "n_patch": 8, "patch_every": 3},
+}
+FULL_STUDY_MAX_LAYERS = 8
+
+
+def apply_study_profile(args: argparse.Namespace, n_layers: int) -> str:
+    """Fill every study option left at ``None`` from :data:`STUDY_PROFILES` (``full`` for models of at most
+    :data:`FULL_STUDY_MAX_LAYERS` layers, else ``budget``); returns the profile's name."""
+    name = "full" if n_layers <= FULL_STUDY_MAX_LAYERS else "budget"
+    for k, v in STUDY_PROFILES[name].items():
+        if hasattr(args, k) and getattr(args, k) is None and not (k == "n" and args.data not in (None, "synthetic")):
+            setattr(args, k, v)
+    return name
 
 
 # ============================================================================================ run context
@@ -148,11 +191,7 @@ def load_model(args: argparse.Namespace, run: Run | None = None) -> Any:
 
     from ..models import HookedMLLM
 
-    path = Path(args.model) if args.model else DEFAULT_MODEL
-    if not path.exists():
-        hint = " (the shipped toy model; train one with `modality-circuits train-toy --out DIR`)" \
-            if path == DEFAULT_MODEL else ""
-        raise FileNotFoundError(f"--model: model directory not found: {path}{hint}")
+    path = resolve_model(args.model)
     from ..models.loading import resolve_device
 
     try:

@@ -224,7 +224,8 @@ def _image_donors(samples: list) -> tuple[list, list]:
 
 def stage_patching(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
     """Activation patching of the residual stream by token group for the instruction-flip pair, and path
-    patching image → {instruction, last} residual per layer for the image-swap pair.
+    patching image → {instruction, last} residual per layer for the image-swap pair (every ``--patch-every``-th
+    layer).
 
     Writes ``patching_flip.csv`` (layer × group, 1 = clean restored) and ``path_patching.csv``.
     """
@@ -239,14 +240,16 @@ def stage_patching(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
         usable = usable_for_lens(model, conflict)
         half = max(1, n // 2)
         picked = [s for s in usable if s.follow == "image"][:half] + [s for s in usable if s.follow == "text"][:half]
-        flip = patch_resid_pre(model, instruction_flip(model, picked), by="group").to_frame()
+        every = getattr(args, "patch_every", None) or 1
+        flip = patch_resid_pre(model, instruction_flip(model, picked), by="group",
+                               layers=range(0, model.cfg.n_layers, every)).to_frame()
         flip["pair"] = "instruction_flip"
         run.csv(flip, "patching_flip.csv")
         rows = []
         vs, ds = _image_donors(usable[: 4 * n])
         if vs:
             pair = image_swap(model, vs[:n], ds[:n])
-            for layer in range(1, model.cfg.n_layers + 1):
+            for layer in range(1, model.cfg.n_layers + 1, every):
                 for g in ("instruction", "last"):
                     r = path_patch(model, pair, GroupResid("image", 0), ResidAt(g, layer))
                     rows.append({"sender": "image@0", "receiver": g, "layer": layer, "value": float(r.values),

