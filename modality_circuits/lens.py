@@ -114,10 +114,13 @@ def anchor_readout(model: HookedMLLM, samples: Sequence[Any], groups: Sequence[s
         final = following_scores(model, batch).followed  # [batch]
         names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
         _, cache = model.run_with_cache(batch, names_filter=names, return_type=None)
+        # only the two answers' unembedding columns are needed: logit(f) − logit(c) = x · (W_U[:, f] − W_U[:, c])
+        # + (b_U[f] − b_U[c]), without the [batch, pos, vocab] logits (49k columns for a real vocabulary)
+        w_diff = (model.W_U[:, f] - model.W_U[:, c]).T  # [batch, d_model]
+        b_diff = model.b_U[f] - model.b_U[c]  # [batch]
         for layer, name in enumerate(names):
-            lg = model.unembed(model.ln_final(cache[name]))  # [batch, pos, vocab]
-            diff = lg.gather(2, f[:, None, None].expand(-1, lg.shape[1], 1))[..., 0] - lg.gather(
-                2, c[:, None, None].expand(-1, lg.shape[1], 1))[..., 0]  # [batch, pos]
+            x = model.ln_final(cache[name])  # [batch, pos, d_model]
+            diff = torch.einsum("bpd,bd->bp", x, w_diff) + b_diff[:, None]  # [batch, pos]
             for g in groups:
                 m = batch.spans.mask(g, allow_empty=True)
                 for i, s in enumerate(chunk):

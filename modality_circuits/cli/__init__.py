@@ -300,7 +300,7 @@ def _head_opts(p: argparse.ArgumentParser) -> None:
                    help="condition whose scores select the heads (default: both pooled)")
     g.add_argument("--n-failed-pool", type=int, default=None, metavar="N",
                    help="synthetic data: N more seeded conflict samples searched for failures to amplify, beyond "
-                        "the evaluation split's (default: 1000; 200 on models deeper than 8 layers; 0: the "
+                        "the evaluation split's (default: 1000; 150 on models deeper than 8 layers; 0: the "
                         "evaluation split only)")
     g.add_argument("--top-heads", type=int, default=6, metavar="K", help="heads shown in attention views (default: 6)")
 
@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conflict samples in the patching pairs (instruction flip, image swap; default: 16, 8 on "
                         "models deeper than 8 layers; 0 to skip)")
     p.add_argument("--patch-every", type=int, default=None, metavar="K",
-                   help="path patching at every K-th layer (default: 1; 3 on models deeper than 8 layers)")
+                   help="activation and path patching at every K-th layer (default: 1; 6 on models deeper than 8 "
+                        "layers)")
     p.add_argument("--no-png", action="store_true", help="skip PNG export of figures (it needs kaleido + Chromium)")
     p.set_defaults(func=cmd_reproduce)
 

@@ -1,7 +1,8 @@
 """Resources shipped inside the package (found with :mod:`importlib.resources`, so they work in any install).
 
 ``toy-llava/``: the trained toy checkpoint and its model card (also reachable as ``assets/toy-llava`` in a
-source checkout).
+source checkout). ``smollava/``: the SmolLLaVA delta (``delta.safetensors`` + ``delta.json``) and its model card
+(``assets/smollava``); :func:`modality_circuits.smollava.materialise` turns it into a checkpoint.
 """
 
 from __future__ import annotations

@@ -64,6 +64,28 @@ def _row(m: dict, k: str) -> str:
     return f"| {k} | {v.get('accuracy', 'n/a')} | {v.get('failures', 'n/a')} | {open_txt} | {v.get('by_task', '')} |"
 
 
+def targets(side: dict) -> list[tuple[str, str, Any, bool]]:
+    """The model's quality targets (issue 14) against what was measured: ``(target, required, measured, met)``."""
+    m, s = side.get("metrics", {}), side["training"]
+    rows: list[tuple[str, str, Any, bool]] = []
+    for cond, label in (("conflict_follow_image", "vision-following"), ("conflict_follow_text", "text-following")):
+        v = m.get(cond, {})
+        acc, op = v.get("accuracy"), v.get("open_form", {}).get("mfr")
+        rows.append((f"MFR {label}, closed form", "≥ 0.9", acc, acc is not None and acc >= 0.9))
+        rows.append((f"MFR {label}, open form", "≥ 0.9", op, op is not None and op >= 0.9))
+        rate = v.get("failures", 0) / max(v.get("n", m.get("n_per_condition", 1)) or 1, 1)
+        rows.append((f"failures, {label}", "≥ 1%", f"{100 * rate:.1f}%", rate >= 0.01))
+    for k in ("image_probe", "text_probe", "consistent"):
+        acc = m.get(k, {}).get("accuracy")
+        rows.append((k.replace("_", " "), "≥ 0.9", acc, acc is not None and acc >= 0.9))
+    ppl = side.get("perplexity", {}).get("relative_change_pct")
+    rows.append(("perplexity change", "≤ +10%", f"{ppl:+}%" if ppl is not None else None,
+                 ppl is not None and ppl <= 10))
+    rows.append(("training time", "≤ 60 min", f"{s['train_minutes']} min", s["train_minutes"] <= 60))
+    rows.append(("delta size", "≤ 25 MB", f"{side['bytes'] / 2**20:.1f} MiB", side["bytes"] <= 25 * 2**20))
+    return rows
+
+
 def write_card(out_dir: Path, side: dict) -> Path:
     """``README.md`` (the model card) from the delta's sidecar (training summary, measurements, evaluation)."""
     s, m = side["training"], side.get("metrics", {})
@@ -115,6 +137,12 @@ n = {m.get('n_per_condition', '?')} per condition, seed {m.get('seed', '?')} (`m
 {_row(m, 'consistent')}
 {_row(m, 'image_probe')}
 {_row(m, 'text_probe')}
+
+## Targets
+
+| target | required | measured | met |
+| --- | --- | --- | --- |
+{chr(10).join(f"| {t} | {r} | {v} | {'yes' if ok else '**no**'} |" for t, r, v, ok in targets(side))}
 
 Re-create with `modality-circuits train-smollava --out DIR --seed {cfg['seed']}`.
 """
