@@ -187,3 +187,24 @@ def tiny_base(folder: Any, seed: int = 0) -> Any:
     (folder / MANIFEST).write_text(json.dumps({"source": "tiny test base", "files": files, "weights_sha256": {
         "model.safetensors": sha256_file(folder / "model.safetensors")}}))
     return folder
+
+
+def hf_parity(hf: Any, model: Any, batch: Any, max_new_tokens: int = 6) -> dict[str, Any]:
+    """HookedMLLM vs its HF LLaVA on one (padded) batch: the largest absolute logit difference at text positions
+    (all a metric or generation reads) and at image positions, and both greedy generations
+    (``{"text": float, "image": float, "ours": ids, "theirs": ids}``, generations trimmed to the same length)."""
+    import torch
+
+    pos = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        theirs = hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, position_ids=pos,
+                    pixel_values=batch.model_inputs["pixel_values"]).logits
+        diff = (model(batch) - theirs).abs()  # [batch, pos, vocab]
+        gen = model.generate(batch, max_new_tokens=max_new_tokens)
+        ref = hf.generate(input_ids=batch.tokens, attention_mask=batch.attention_mask,
+                          pixel_values=batch.model_inputs["pixel_values"], max_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=model.tokenizer.pad_token_id)[:, batch.seq_len:]
+    m = batch.attention_mask.bool()
+    img = batch.tokens == model.image_encoder.image_token_id
+    return {"text": float(diff[m & ~img].max()), "image": float(diff[img].max()) if img.any() else 0.0,
+            "ours": gen.tolist(), "theirs": ref[:, :gen.shape[1]].tolist()}

@@ -54,7 +54,7 @@ def extract_delta(peft_model: Any, cfg: Any) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, t in llava.state_dict().items():
         if name.startswith(VISION_PREFIXES) and "lora_" not in name:
-            out[name.replace(".base_layer.", ".")] = t.detach().clone().contiguous()
+            out[name] = t.detach().clone().contiguous()
     for name, mod in llava.named_modules():
         if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
             out[f"lora.{name}.A"] = mod.lora_A["default"].weight.detach().clone().contiguous()
@@ -182,7 +182,7 @@ def materialise(delta: str | Path | None = None, cache: Path | None = None, down
     """
     from ..base_lm import MANIFEST as BASE_MANIFEST
     from ..base_lm import cache_dir, ensure_base
-    from .build import VisionSpec, build_smollava, save_smollava
+    from .build import build_smollava, save_smollava
     from .train import SmolTrainConfig
 
     path = Path(delta) if delta is not None else shipped_delta()
@@ -197,7 +197,7 @@ def materialise(delta: str | Path | None = None, cache: Path | None = None, down
         raise CheckpointError(f"{path.name} was trained on base weights {meta.get('base_weights_sha256')}, the cached "
                               f"base in {base} is {base_sha}: delta and base do not match (another base release?).")
     cfg = SmolTrainConfig.from_dict(json.loads(meta["train_config"]))
-    model, tok, proc = build_smollava(base, VisionSpec(**json.loads(meta["train_config"])["vision"]), seed=cfg.seed)
+    model, tok, proc = build_smollava(base, cfg.vision, seed=cfg.seed)
     merge_delta(model, tensors, float(meta["lora_scale"]))
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".materialise-") as tmp:
