@@ -61,18 +61,20 @@ def evaluate_samples(model: HookedMLLM, samples: Sequence[Any], batch_size: int 
     return ev, scores, gen
 
 
-def synthetic_sets(n: int, seed: int = EVAL_SEED, image_size: int = 32) -> list[Any]:
-    """The five held-out synthetic sets (``n`` each, seeds ``seed … seed+4``), concatenated in :data:`SETS` order."""
-    return (synthetic(n, seed=seed, kind="conflict", follow="image", image_size=image_size)
-            + synthetic(n, seed=seed + 1, kind="conflict", follow="text", image_size=image_size)
-            + synthetic(n, seed=seed + 2, kind="consistent", image_size=image_size)
-            + synthetic(n, seed=seed + 3, kind="image_probe", image_size=image_size)
-            + synthetic(n, seed=seed + 4, kind="text_probe", image_size=image_size))
+def synthetic_sets(n: int, seed: int = EVAL_SEED, image_size: int = 32, distractors: int = 0) -> list[Any]:
+    """The five held-out synthetic sets (``n`` each, seeds ``seed … seed+4``), concatenated in :data:`SETS` order;
+    ``distractors`` extra context sentences (:func:`~modality_circuits.data.synthetic.context_sentence`)."""
+    kw = {"image_size": image_size, "distractors": distractors}
+    return (synthetic(n, seed=seed, kind="conflict", follow="image", **kw)
+            + synthetic(n, seed=seed + 1, kind="conflict", follow="text", **kw)
+            + synthetic(n, seed=seed + 2, kind="consistent", **kw)
+            + synthetic(n, seed=seed + 3, kind="image_probe", **kw)
+            + synthetic(n, seed=seed + 4, kind="text_probe", **kw))
 
 
 def evaluate_model(model: HookedMLLM, n: int = 200, seed: int = EVAL_SEED, batch_size: int = 50, progress: bool = True,
-                   image_size: int | None = None) -> dict:
+                   image_size: int | None = None, distractors: int = 0) -> dict:
     """Accuracies on fresh held-out synthetic sets (``n`` per set): the model card's numbers."""
     size = image_size or model.image_encoder.native_image_size or 32
-    ev, _, _ = evaluate_samples(model, synthetic_sets(n, seed, size), batch_size, progress)
-    return {"n_per_condition": n, "seed": seed, **ev}
+    ev, _, _ = evaluate_samples(model, synthetic_sets(n, seed, size, distractors), batch_size, progress)
+    return {"n_per_condition": n, "seed": seed, "distractors": distractors, **ev}

@@ -75,12 +75,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         with run.stage("evaluate") as info:
             seed = EVAL_SEED if args.seed is None else args.seed
             ev = evaluate_model(model, n=args.n or 200, seed=seed, batch_size=args.batch_size,
-                                progress=not run.quiet)
+                                progress=not run.quiet, distractors=args.distractors)
             for _k, v in ev.items():
                 if isinstance(v, dict) and "accuracy" in v:
                     v.setdefault("n", ev["n_per_condition"])
             run.manifest["data"] = {"source": "synthetic (held-out evaluation sets)", "seed": seed,
-                                    "n_per_condition": ev["n_per_condition"]}
+                                    "n_per_condition": ev["n_per_condition"], "distractors": args.distractors}
             run.json(ev, "evaluate.json")
             run.results["evaluate"] = ev
             info["summary"] = accuracy_line(ev)
@@ -209,7 +209,8 @@ def cmd_train_smollava(args: argparse.Namespace) -> int:
         raise ModalityCircuitsError(f"{out / 'delta.safetensors'} exists; pass --overwrite to replace it or choose "
                                     "another --out.")
     t0 = time.time()
-    cfg = SmolTrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train)
+    cfg = SmolTrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train,
+                          distractors=args.distractors)
     side = train_and_card(ensure_base(), out, cfg, eval_n=args.eval_n, progress=not args.quiet)
     if not args.quiet:
         s, m, ppl = side["training"], side["metrics"], side["perplexity"]
@@ -249,6 +250,9 @@ def _common(p: argparse.ArgumentParser, n_help: str, seed_help: str = "random se
                    help="synthetic general-ability control: N consistent, N image-only and N text-only probe "
                         "samples (default: max(4, n/4); 0 to skip)")
     g.add_argument("--seed", type=int, default=None, help=seed_help)
+    g.add_argument("--distractors", type=int, default=None, metavar="K", choices=range(4),
+                   help="synthetic data: K extra context sentences about other attributes, 0-3 (default: what the "
+                        "checkpoint was trained on, from its synthetic_data.json; 0 without one)")
     r = p.add_argument_group("runtime and output")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     r.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: float32)")
@@ -397,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"stage-2 (LoRA) optimizer steps (default: {smol.steps})")
     p.add_argument("--n-train", type=int, default=smol.n_train, metavar="N",
                    help=f"stage-2 training samples (default: {smol.n_train})")
+    p.add_argument("--distractors", type=int, default=smol.distractors, choices=range(4), metavar="K",
+                   help=f"distractor sentences per text context in the stage-2 data, 0-3 (default: {smol.distractors})")
     p.add_argument("--minutes", type=float, default=smol.max_minutes,
                    help=f"safety stop in minutes (default: {smol.max_minutes})")
     p.add_argument("--eval-n", type=int, default=200, metavar="N",

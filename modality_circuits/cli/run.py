@@ -205,6 +205,10 @@ def load_model(args: argparse.Namespace, run: Run | None = None) -> Any:
 
         hf_logging.disable_progress_bar()
     model = HookedMLLM.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device)
+    if getattr(args, "distractors", None) is None and hasattr(args, "distractors"):
+        from ..data.synthetic import checkpoint_data_spec
+
+        args.distractors = checkpoint_data_spec(path)["distractors"]  # synthetic data as the checkpoint was trained
     if run is not None:
         cfg = json.loads((path / "config.json").read_text())
         run.manifest["model"] = {
@@ -226,10 +230,12 @@ def load_data(args: argparse.Namespace, model: Any, run: Run | None = None) -> t
             raise ModalityCircuitsError(f"--n must be at least 4 (got {n}): both conditions and two splits need "
                                         "samples.")
         size = model.image_encoder.native_image_size or 32
-        conflict = synthetic(n, seed=args.seed, kind="conflict", image_size=size)
+        k_d = getattr(args, "distractors", None) or 0
+        conflict = synthetic(n, seed=args.seed, kind="conflict", image_size=size, distractors=k_d)
         ng = args.n_general if args.n_general is not None else max(4, n // 4)
         general = [s for k, kind in enumerate(("consistent", "image_probe", "text_probe"))
-                   for s in synthetic(ng, seed=args.seed + 1 + k, kind=kind, image_size=size)] if ng > 0 else []
+                   for s in synthetic(ng, seed=args.seed + 1 + k, kind=kind, image_size=size, distractors=k_d)
+                   ] if ng > 0 else []
         source = "synthetic"
     else:
         path = Path(args.data)
@@ -248,7 +254,8 @@ def load_data(args: argparse.Namespace, model: Any, run: Run | None = None) -> t
             "source": source, "question": args.question if source != "synthetic" else None,
             "n_conflict": len(conflict), "n_general": len(general),
             "n_by_condition": {c: sum(s.follow == c for s in conflict) for c in ("image", "text")},
-            "general_kinds": sorted({s.kind for s in general})}
+            "general_kinds": sorted({s.kind for s in general}),
+            "distractors": (getattr(args, "distractors", None) or 0) if source == "synthetic" else None}
     return conflict, general
 
 

@@ -112,7 +112,8 @@ def failed_pool(model: HookedMLLM, args: argparse.Namespace) -> list:
         return []
     size = model.image_encoder.native_image_size or 32
     return [dataclasses.replace(s, id=f"pool-{s.id}")
-            for s in synthetic(n, seed=args.seed + 7919, kind="conflict", image_size=size)]
+            for s in synthetic(n, seed=args.seed + 7919, kind="conflict", image_size=size,
+                               distractors=getattr(args, "distractors", None) or 0)]
 
 
 def stage_heads(run: Run, model: HookedMLLM, conflict: list, general: list, args: argparse.Namespace) -> Any:

@@ -7,13 +7,21 @@ a question and one of the three format sentences. Tasks mirror MC²: ``color`` (
 (``image_probe``: image + question, ``text_probe``: context + question) serve as the general-ability control;
 their competitor answer is a random distractor of the same task.
 
-Everything is a pure function of ``seed``: the same call gives the same samples, images included.
+With ``distractors=k`` (default 0) the text context gains ``k`` sentences about *other* attributes (random values,
+random order), so reading the context means finding the sentence the question asks about; a checkpoint trained on
+such contexts records ``k`` in its folder (:func:`checkpoint_data_spec`) and the analyses use the same ``k``.
+``distractors=0`` draws no extra random numbers, so it gives exactly the samples of earlier releases.
+
+Everything is a pure function of ``seed`` (and ``distractors``): the same call gives the same samples, images
+included.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -110,9 +118,45 @@ def _other(rng: np.random.Generator, task: str, value: str) -> str:
     return str(rng.choice(options))
 
 
+#: The largest ``distractors`` value: one sentence for each other task.
+MAX_DISTRACTORS = len(TASKS) - 1
+#: The file in a checkpoint folder that records the synthetic data it was trained on (:func:`checkpoint_data_spec`).
+DATA_SPEC_FILE = "synthetic_data.json"
+
+
+def _check_distractors(distractors: int) -> None:
+    if not isinstance(distractors, int) or not 0 <= distractors <= MAX_DISTRACTORS:
+        raise ValueError(f"distractors must be an integer from 0 to {MAX_DISTRACTORS} (one sentence per other task), "
+                         f"got {distractors!r}.")
+
+
+def context_sentence(rng: np.random.Generator, task: str, value: str, distractors: int = 0) -> str:
+    """The text context: the sentence stating ``value`` for ``task``, plus ``distractors`` sentences about other
+    tasks (distinct tasks, random values), all in random order. ``distractors=0`` draws nothing from ``rng``."""
+    sentences = [CONTEXTS[task].format(value)]
+    if distractors:
+        others = [t for t in TASKS if t != task]
+        for i in rng.permutation(len(others))[:distractors]:
+            sentences.append(CONTEXTS[others[i]].format(str(rng.choice(VALUES[others[i]]))))
+        sentences = [sentences[i] for i in rng.permutation(len(sentences))]
+    return " ".join(sentences)
+
+
+def checkpoint_data_spec(path: str | Path) -> dict:
+    """``{"distractors": k}``: the synthetic data a checkpoint folder was trained on (its :data:`DATA_SPEC_FILE`;
+    ``k = 0`` for folders without one, e.g. the toy). Analyses of that checkpoint use the same contexts."""
+    f = Path(path) / DATA_SPEC_FILE
+    spec = {"distractors": 0}
+    if f.is_file():
+        spec.update(json.loads(f.read_text()))
+        _check_distractors(spec["distractors"])
+    return spec
+
+
 def make_sample(rng: np.random.Generator, kind: str = "conflict", follow: str | None = None, task: str | None = None,
-                constraint: str | None = None, image_size: int = 32, index: int = 0) -> Sample:
-    """One sample of the given kind (``conflict``, ``consistent``, ``image_probe``, ``text_probe``)."""
+                constraint: str | None = None, image_size: int = 32, index: int = 0, distractors: int = 0) -> Sample:
+    """One sample of the given kind (``conflict``, ``consistent``, ``image_probe``, ``text_probe``); ``distractors``
+    extra context sentences about other attributes (:func:`context_sentence`)."""
     task = task or str(rng.choice(TASKS))
     follow = follow or str(rng.choice(["image", "text"]))
     constraint = constraint if constraint is not None else str(rng.choice(CONSTRAINTS))
@@ -122,15 +166,17 @@ def make_sample(rng: np.random.Generator, kind: str = "conflict", follow: str | 
     question = QUESTIONS[task]
     if kind == "conflict":
         text_value = _other(rng, task, truth)
-        return Sample(image=image, context=CONTEXTS[task].format(text_value), instruction=INSTRUCTIONS[follow],
-                      question=question, constraint=constraint, answer_img=truth, answer_text=text_value,
+        context = context_sentence(rng, task, text_value, distractors)
+        return Sample(image=image, context=context, instruction=INSTRUCTIONS[follow], question=question,
+                      constraint=constraint, answer_img=truth, answer_text=text_value,
                       follow=follow, task=task, kind=kind, id=f"syn-{kind}-{index}", meta={"scene": scene})
     if kind == "consistent":
         # Both modalities agree; the competitor is a distractor so that the binary score is defined.
         distractor = _other(rng, task, truth)
         a_img, a_txt = (truth, distractor) if follow == "image" else (distractor, truth)
-        return Sample(image=image, context=CONTEXTS[task].format(truth), instruction=INSTRUCTIONS[follow],
-                      question=question, constraint=constraint, answer_img=a_img, answer_text=a_txt,
+        context = context_sentence(rng, task, truth, distractors)
+        return Sample(image=image, context=context, instruction=INSTRUCTIONS[follow], question=question,
+                      constraint=constraint, answer_img=a_img, answer_text=a_txt,
                       follow=follow, task=task, kind=kind, id=f"syn-{kind}-{index}",
                       meta={"scene": scene, "truth": truth})
     distractor = _other(rng, task, truth)
@@ -139,19 +185,22 @@ def make_sample(rng: np.random.Generator, kind: str = "conflict", follow: str | 
                       answer_img=truth, answer_text=distractor, follow="image", task=task, kind=kind,
                       id=f"syn-{kind}-{index}", meta={"scene": scene})
     if kind == "text_probe":
-        return Sample(image=None, context=CONTEXTS[task].format(truth), instruction=None, question=question,
-                      constraint=constraint, answer_img=distractor, answer_text=truth, follow="text", task=task,
-                      kind=kind, id=f"syn-{kind}-{index}", meta={"scene": scene})
+        context = context_sentence(rng, task, truth, distractors)
+        return Sample(image=None, context=context, instruction=None, question=question, constraint=constraint,
+                      answer_img=distractor, answer_text=truth, follow="text", task=task, kind=kind,
+                      id=f"syn-{kind}-{index}", meta={"scene": scene})
     raise ValueError(f"Unknown sample kind {kind!r}; use one of conflict, consistent, image_probe, text_probe.")
 
 
 def synthetic(n: int = 200, seed: int = 0, kind: str = "conflict", follow: str | None = None,
-              tasks: Sequence[str] | None = None, image_size: int = 32) -> list[Sample]:
+              tasks: Sequence[str] | None = None, image_size: int = 32, distractors: int = 0) -> list[Sample]:
     """``n`` seeded samples of one kind.
 
     With ``follow=None`` the instructions alternate (half vision-following, half text-following), and tasks
-    cycle through ``tasks`` (default: all four), so every condition is balanced.
+    cycle through ``tasks`` (default: all four), so every condition is balanced. ``distractors``: extra context
+    sentences about other attributes (0 to :data:`MAX_DISTRACTORS`).
     """
+    _check_distractors(distractors)
     if kind not in ("conflict", "consistent", "image_probe", "text_probe"):
         raise ValueError(f"Unknown sample kind {kind!r}; use one of conflict, consistent, image_probe, text_probe.")
     tasks = tuple(tasks or TASKS)
@@ -163,16 +212,19 @@ def synthetic(n: int = 200, seed: int = 0, kind: str = "conflict", follow: str |
     for i in range(n):
         f = follow or ("image" if i % 2 == 0 else "text")
         out.append(make_sample(rng, kind=kind, follow=f, task=tasks[(i // 2) % len(tasks)], image_size=image_size,
-                               index=i))
+                               index=i, distractors=distractors))
     return out
 
 
-def mixture(n: int, seed: int, weights: dict[str, float] | None = None, image_size: int = 32) -> list[Sample]:
+def mixture(n: int, seed: int, weights: dict[str, float] | None = None, image_size: int = 32,
+            distractors: int = 0) -> list[Sample]:
     """A shuffled training mixture of kinds (default: 60% conflict, 15% consistent, 12.5% each probe)."""
+    _check_distractors(distractors)
     weights = weights or {"conflict": 0.6, "consistent": 0.15, "image_probe": 0.125, "text_probe": 0.125}
     rng = np.random.default_rng(seed)
     kinds = rng.choice(list(weights), size=n, p=np.array(list(weights.values())) / sum(weights.values()))
-    return [make_sample(rng, kind=str(k), image_size=image_size, index=i) for i, k in enumerate(kinds)]
+    return [make_sample(rng, kind=str(k), image_size=image_size, index=i, distractors=distractors)
+            for i, k in enumerate(kinds)]
 
 
 def vocabulary() -> list[str]:

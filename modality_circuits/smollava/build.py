@@ -113,10 +113,14 @@ def build_smollava(base_dir: str | Path, vision: VisionSpec = VisionSpec(), seed
     return model.eval(), tok, processor
 
 
-def save_smollava(model: Any, tokenizer: Any, processor: Any, out: str | Path, vision: VisionSpec | None = None
-                  ) -> Path:
-    """Write a plain LLaVA checkpoint folder (safetensors, tokenizer with the chat template, processor config)."""
+def save_smollava(model: Any, tokenizer: Any, processor: Any, out: str | Path, vision: VisionSpec | None = None,
+                  distractors: int | None = None) -> Path:
+    """Write a plain LLaVA checkpoint folder (safetensors, tokenizer with the chat template, processor config);
+    ``distractors``: the synthetic contexts it was trained on, recorded for the analyses
+    (:func:`~modality_circuits.data.synthetic.checkpoint_data_spec`)."""
     import json
+
+    from ..data.synthetic import DATA_SPEC_FILE
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +129,8 @@ def save_smollava(model: Any, tokenizer: Any, processor: Any, out: str | Path, v
     processor.save_pretrained(str(out))
     if vision is not None:
         (out / "smollava.json").write_text(json.dumps({"vision": asdict(vision)}, indent=2))
+    if distractors is not None:
+        (out / DATA_SPEC_FILE).write_text(json.dumps({"distractors": distractors}, indent=2))
     return out
 
 

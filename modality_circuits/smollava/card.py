@@ -64,6 +64,14 @@ def _row(m: dict, k: str) -> str:
     return f"| {k} | {v.get('accuracy', 'n/a')} | {v.get('failures', 'n/a')} | {open_txt} | {v.get('by_task', '')} |"
 
 
+_POOL = {"flat": "concatenated", "mean": "mean of the"}
+
+
+def _heldout(s: dict) -> str:
+    h = s["stage1_probes"].get("heldout_accuracy")
+    return f"; on 1000 held-out images {h}" if h else ""
+
+
 def targets(side: dict) -> list[tuple[str, str, Any, bool]]:
     """The model's quality targets (issue 14) against what was measured: ``(target, required, measured, met)``."""
     m, s = side.get("metrics", {}), side["training"]
@@ -108,13 +116,15 @@ base (`W + alpha/rank · B A`, fp32) and writes a plain LLaVA checkpoint into th
 ## Training (`modality-circuits train-smollava`, seed {cfg['seed']}, {s.get('torch_threads', '?')} CPU threads, \
 {s['train_minutes']} min)
 
-1. vision side, decoder frozen: (a) attribute probes on the concatenated projected image tokens,
-   {cfg['vision_pretrain_steps']} steps × {cfg['vision_pretrain_batch']} images (training accuracy at the end
-   {s['stage1_probes']['train_accuracy']}); (b) alignment through the frozen decoder on image-only questions,
+1. vision side, decoder frozen: (a) attribute probes on the {_POOL[cfg.get('vision_pool', 'flat')]} projected image
+   tokens, {cfg['vision_pretrain_steps']} steps × {cfg['vision_pretrain_batch']} images (training accuracy at the end
+   {s['stage1_probes']['train_accuracy']}{_heldout(s)});
+   (b) alignment through the frozen decoder on image-only questions,
    {s['stage1_align']['steps_done']} steps × {cfg['align_batch']} (loss {s['stage1_align']['first_loss']} →
    {s['stage1_align']['final_loss']});
 2. instruction tuning: LoRA + projector (vision tower frozen) on the synthetic mixture (60% conflict under both
-   instructions, 15% consistent, 12.5% image-only and 12.5% text-only probes; {cfg['n_train']} samples),
+   instructions, 15% consistent, 12.5% image-only and 12.5% text-only probes; {cfg['n_train']} samples; text
+   contexts with {cfg.get('distractors', 0)} distractor sentence(s) about other attributes),
    {s['stage2']['steps_done']} steps × {cfg['batch_size']}, AdamW lr {cfg['lr']} (projector {cfg['projector_lr']}),
    loss on the answer + `<|im_end|>` only ({s['stage2']['first_loss']} → {s['stage2']['final_loss']}).
 {"   **Cut short by the time budget.**" if s.get("cut_short") else ""}
@@ -128,7 +138,8 @@ base (`W + alpha/rank · B A`, fp32) and writes a plain LLaVA checkpoint into th
 
 ## Measured on held-out synthetic samples (closed form, full-answer log-probabilities)
 
-n = {m.get('n_per_condition', '?')} per condition, seed {m.get('seed', '?')} (`modality-circuits evaluate`).
+n = {m.get('n_per_condition', '?')} per condition, seed {m.get('seed', '?')}, {m.get('distractors', 0)} distractor
+sentence(s) per text context (`modality-circuits evaluate`).
 
 | condition | accuracy (MFR for conflict) | failures | open form: follow / competitor / other | by task |
 | --- | --- | --- | --- | --- |

@@ -202,7 +202,7 @@ def materialise(delta: str | Path | None = None, cache: Path | None = None, down
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".materialise-") as tmp:
         out = Path(tmp) / "out"
-        save_smollava(model, tok, proc, out, cfg.vision)
+        save_smollava(model, tok, proc, out, cfg.vision, distractors=cfg.distractors)
         files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
         (out / MANIFEST).write_text(json.dumps({"delta": str(path), "delta_sha256": side["sha256"],
                                                 "base_weights_sha256": base_sha, "files": files}, indent=2))

@@ -42,7 +42,8 @@ def train_and_card(base_dir: Path, out: Path, cfg: Any, eval_n: int = 200, progr
     path = save_delta(delta, Path(out) / "delta.safetensors", base_dir, cfg, {"training": summary})
     checkpoint = materialise(path)
     logger.info("evaluating the materialised checkpoint %s", checkpoint)
-    metrics = evaluate_model(HookedMLLM.from_pretrained(checkpoint), n=eval_n, progress=progress)
+    metrics = evaluate_model(HookedMLLM.from_pretrained(checkpoint), n=eval_n, progress=progress,
+                             distractors=cfg.distractors)
     side = json.loads(sidecar_of(path).read_text())
     side.update({"metrics": metrics, **measure(base_dir, checkpoint, delta, cfg.lora_alpha / cfg.lora_rank)})
     tmp = path.with_name(".delta.json.tmp")

@@ -5,13 +5,16 @@ The pretrained SmolLM2-135M-Instruct decoder stays frozen throughout; it is adap
 
 1. **Vision side, LM frozen.**
    a. The new CLIP tower and projector learn the scene attributes (colour, shape, count, position) through
-      throw-away linear heads on the concatenated projected image tokens
+      throw-away linear heads on the mean projected image token (``vision_pool``; a uniform attention over the
+      image tokens can then read every attribute, which the frozen decoder picks up far more easily than from the
+      concatenated tokens: after stage 1b, image-only probe accuracy 0.875 vs 0.71 in a 200-sample check)
       (:func:`~modality_circuits.toy.train.pretrain_vision`).
    b. Alignment: tower and projector are trained through the frozen decoder on image-only questions (image +
       question + format sentence -> the attribute), the LLaVA stage-1 objective.
 2. **Instruction tuning**: LoRA adapters of rank ``lora_rank`` on every attention and MLP projection of the decoder,
    plus the projector, on the synthetic mixture (60% conflict under both instructions, 15% consistent, 12.5% each
-   single-modality probe); the vision tower is frozen.
+   single-modality probe), text contexts with ``distractors`` sentences about other attributes; the vision tower
+   is frozen.
 
 The loss is the answer tokens + ``<|im_end|>`` only, on prompts built by the analyses' own prompt builder through
 the checkpoint's chat template, so training sees exactly the layout the analyses use. Logits are computed only at
@@ -47,15 +50,19 @@ class SmolTrainConfig:
     seed: int = 0
     threads: int = 2
     vision: VisionSpec = field(default_factory=VisionSpec)
+    #: extra context sentences about other attributes in the stage-2 data (``data.synthetic.context_sentence``)
+    distractors: int = 1
     # stage 1a: attribute probes on the mean projected image token
     n_images: int = 4000
     vision_pretrain_steps: int = 1500
     vision_pretrain_batch: int = 64
     vision_pretrain_lr: float = 2e-3
     weight_decay: float = 0.0
+    #: how the stage-1a probes read the projected image tokens: ``flat`` (concatenated) or ``mean``
+    vision_pool: str = "mean"
     # stage 1b: alignment through the frozen decoder
     align_samples: int = 1200
-    align_steps: int = 200
+    align_steps: int = 300
     align_batch: int = 8
     align_lr: float = 5e-4
     # stage 2: LoRA instruction tuning
@@ -80,6 +87,8 @@ class SmolTrainConfig:
         d = dict(d)
         d["vision"] = VisionSpec(**d["vision"])
         d["lora_targets"] = tuple(d["lora_targets"])
+        d.setdefault("distractors", 0)  # configs recorded before the field existed trained without distractors
+        d.setdefault("vision_pool", "flat")
         return cls(**d)
 
 
@@ -184,14 +193,18 @@ def _train(base_dir: str | Path, cfg: SmolTrainConfig, progress: bool) -> tuple[
     summary: dict[str, Any] = {"config": cfg.to_dict(), "torch_threads": torch.get_num_threads()}
 
     # stage 1a: attribute probes (LM not involved)
-    probes = mixture(cfg.n_images, seed=cfg.seed + 11, weights={"image_probe": 1.0}, image_size=size)
-    pixels = proc(images=[s.image for s in probes], return_tensors="pt")["pixel_values"]
-    labels = torch.tensor([[VALUES[t].index(s.meta["scene"].answer(t)) for t in TASKS] for s in probes])
+    def attribute_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        probes = mixture(n, seed=seed, weights={"image_probe": 1.0}, image_size=size)
+        labels = torch.tensor([[VALUES[t].index(s.meta["scene"].answer(t)) for t in TASKS] for s in probes])
+        return proc(images=[s.image for s in probes], return_tensors="pt")["pixel_values"], labels
+
+    pixels, labels = attribute_data(cfg.n_images, cfg.seed + 11)
     for p in vision_params + projector_params:
         p.requires_grad_(True)
     model.train()
     summary["stage1_probes"] = pretrain_vision(model, pixels, labels, cfg, progress=progress,
-                                               desc="smollava 1a: vision probes", pool="flat")
+                                               desc="smollava 1a: vision probes", pool=cfg.vision_pool,
+                                               heldout=attribute_data(1000, cfg.seed + 14))
     logger.info("stage 1a: %s", summary["stage1_probes"])
 
     # stage 1b: alignment through the frozen decoder (image-only questions)
@@ -210,7 +223,7 @@ def _train(base_dir: str | Path, cfg: SmolTrainConfig, progress: bool) -> tuple[
     for p in projector_params:
         p.requires_grad_(True)
     lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
-    train = mixture(cfg.n_train, seed=cfg.seed + 13, image_size=size)
+    train = mixture(cfg.n_train, seed=cfg.seed + 13, image_size=size, distractors=cfg.distractors)
     data = encode_examples(train, tok, proc, tpi, template=template)
     summary["stage2"] = _fit(peft_model, data, [{"params": lora_params, "base_lr": cfg.lr},
                                                 {"params": projector_params, "base_lr": cfg.projector_lr}],

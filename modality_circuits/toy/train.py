@@ -96,7 +96,8 @@ def image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg: Any,
-                    progress: bool = True, desc: str = "train-toy vision", pool: str = "mean") -> dict:
+                    progress: bool = True, desc: str = "train-toy vision", pool: str = "mean",
+                    heldout: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Stage 1: train the vision tower + projector to expose every scene attribute in the image tokens.
 
     ``pixels``: ``[n_images, 3, H, W]``; ``labels``: ``[n_images, n_tasks]``, the index of each task's value in
@@ -104,7 +105,8 @@ def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg:
     (``pool="mean"``) or all of them concatenated (``pool="flat"``, which keeps where each token is);
     the heads are discarded afterwards. ``cfg`` is any config with ``seed``, ``weight_decay`` and the
     ``vision_pretrain_{steps,batch,lr}`` fields (:class:`ToyConfig`, the SmolLLaVA training config).
-    Returns the final mean loss and the training-set accuracy per task.
+    Returns the final mean loss and the training-set accuracy per task, and with ``heldout`` (pixels and labels
+    of images not trained on) the heads' held-out accuracy per task (``heldout_accuracy``).
     """
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     d = model.config.text_config.hidden_size
@@ -138,8 +140,16 @@ def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     acc = (correct / max(seen, 1)).tolist()
-    return {"steps": steps, "final_loss": float(np.mean(losses[-20:])) if losses else None,
-            "train_accuracy": {t: round(a, 4) for t, a in zip(TASKS, acc)}}
+    out = {"steps": steps, "final_loss": float(np.mean(losses[-20:])) if losses else None,
+           "train_accuracy": {t: round(a, 4) for t, a in zip(TASKS, acc)}}
+    if heldout is not None:
+        with torch.no_grad():
+            hp, hl = heldout
+            feats = torch.cat([image_features(model, hp[i:i + 256]) for i in range(0, len(hp), 256)])
+            pooled = feats.mean(1) if pool == "mean" else feats.flatten(1)
+            out["heldout_accuracy"] = {t: round(float((h(pooled).argmax(-1) == hl[:, i]).float().mean()), 4)
+                                       for i, (t, h) in enumerate(zip(TASKS, heads))}
+    return out
 
 
 def train_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bool = True,

@@ -75,6 +75,21 @@ def test_materialised_checkpoint_equals_the_trained_model(trained):
     assert float((ours - ref)[m].abs().max()) < 1e-4
 
 
+def test_materialised_checkpoint_records_its_training_data(trained):
+    """The analyses of a checkpoint use the contexts it was trained on: ``distractors`` travels from the training
+    config through the delta into the materialised folder; configs recorded before the field existed mean 0."""
+    from modality_circuits.data.synthetic import checkpoint_data_spec
+
+    cache, _, _, _, path = trained
+    out = D.materialise(path, cache=cache, download=False)
+    assert checkpoint_data_spec(out) == {"distractors": TINY.distractors}
+    old = TINY.to_dict()
+    del old["distractors"], old["vision_pool"]
+    assert SmolTrainConfig.from_dict(old).distractors == 0
+    assert SmolTrainConfig.from_dict(old).vision_pool == "flat"
+    assert SmolTrainConfig.from_dict(TINY.to_dict()) == TINY
+
+
 def test_a_corrupted_or_unsidecarred_delta_is_refused(trained, tmp_path):
     _, _, _, _, path = trained
     bad = tmp_path / "delta.safetensors"
