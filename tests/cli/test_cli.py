@@ -276,6 +276,27 @@ def test_evaluate_synthetic(toy_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert "MFR vision-following" in out and '"conflict_follow_text"' in out
 
 
+def test_distractors_come_from_the_checkpoint_unless_given(toy_dir: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint's synthetic_data.json sets the contexts the analyses use; --distractors overrides it."""
+    import shutil
+
+    from modality_circuits.data.synthetic import DATA_SPEC_FILE
+
+    model = tmp_path / "model"
+    shutil.copytree(toy_dir, model)
+    (model / DATA_SPEC_FILE).write_text(json.dumps({"distractors": 2}))
+    for extra, want in (([], 2), (["--distractors", "0"], 0)):
+        out = tmp_path / f"out{want}"
+        rc, _, err = run_cli(["evaluate", "--model", str(model), "--out", str(out), "--n", "4", "--threads", "1",
+                              "--quiet", *extra], capsys)
+        assert rc == 0, err
+        assert json.loads((out / "evaluate.json").read_text())["distractors"] == want
+        assert json.loads((out / "manifest.json").read_text())["data"]["distractors"] == want
+    rc, _, err = run_cli(["evaluate", "--model", str(model), "--n", "4", "--distractors", "5"], capsys)
+    assert rc == 2 and "--distractors" in err
+
+
 def test_real_data_reproduce(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A Modality-Following JSON + COCO folder: every conflict sample of the file, follow read from the instruction."""
     model = write_tiny_bpe(tmp_path / "bpe")
