@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -105,10 +106,16 @@ def anchor_readout(model: HookedMLLM, samples: Sequence[Any], groups: Sequence[s
     """Logit lens at token groups per layer; agreement of the decision read there with the final answer.
 
     Returns one row per (condition, group, layer): ``agreement`` (share of group tokens × samples whose
-    lens decision equals the model's final decision), ``follow_rate`` (share deciding for the following answer)
-    and ``mean_logit_diff`` (following − competitor, first tokens).
+    lens decision equals the model's final decision), ``follow_rate`` (share deciding for the following answer),
+    ``mean_logit_diff`` (following − competitor, first tokens), and the paper's **Latent Decision Alignment Rate**
+    ``ldar``: the share of samples whose read-out decision at the group (the sign of the group's mean lens logit
+    difference, following − competitor) equals the model's final decision, with its seeded bootstrap 95% interval
+    over samples (``ldar_low``, ``ldar_high``; :func:`~modality_circuits.stats.bootstrap_ci`) and ``n_samples``.
     """
+    from .stats import bootstrap_ci
+
     acc: dict[tuple, list[float]] = {}
+    per_sample: dict[tuple, list[bool]] = {}
     for chunk, batch in iter_batches(model, samples, batch_size, desc="anchor read-out", progress=progress):
         f, c = _answer_dirs(model, chunk)
         final = following_scores(model, batch).followed  # [batch]
@@ -134,6 +141,12 @@ def anchor_readout(model: HookedMLLM, samples: Sequence[Any], groups: Sequence[s
                     a[1] += float(dec.float().sum())
                     a[2] += float(d.sum())
                     a[3] += d.numel()
-    return pd.DataFrame([{"condition": k[0], "group": k[1], "layer": k[2], "agreement": v[0] / v[3],
-                          "follow_rate": v[1] / v[3], "mean_logit_diff": v[2] / v[3], "n_tokens": int(v[3])}
-                         for k, v in sorted(acc.items())])
+                    per_sample.setdefault(key, []).append(bool((d.mean() > 0) == final[i]))
+    rows = []
+    for k, v in sorted(acc.items()):
+        aligned = np.asarray(per_sample[k], dtype=float)  # [n_samples]
+        lo, hi = bootstrap_ci(aligned)
+        rows.append({"condition": k[0], "group": k[1], "layer": k[2], "agreement": v[0] / v[3],
+                     "follow_rate": v[1] / v[3], "mean_logit_diff": v[2] / v[3], "n_tokens": int(v[3]),
+                     "ldar": float(aligned.mean()), "ldar_low": lo, "ldar_high": hi, "n_samples": len(aligned)})
+    return pd.DataFrame(rows)

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -369,15 +368,6 @@ def mfr(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 32, first_t
     s = score_dataset(model, samples, batch_size, first_token, progress)
     f = float(s.followed.float().mean()) if len(samples) else float("nan")
     return {"mfr": f, "competitor": 1 - f, "other": 0.0, "n": len(samples)}
-
-
-def summarize(df: pd.DataFrame, value: str, by: Sequence[str]) -> pd.DataFrame:
-    """Mean, std, count and a normal-approximation 95% CI of ``value`` per group (tidy)."""
-    g = df.groupby(list(by), sort=False)[value]
-    out = g.agg(["mean", "std", "count"]).reset_index()
-    half = 1.96 * out["std"].fillna(0) / np.sqrt(out["count"].clip(lower=1))
-    out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
-    return out
 
 
 def generations(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 16, max_new_tokens: int = 8,

@@ -199,15 +199,17 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, png: bo
     ko = _read_csv(d, "knockout.csv")
     section("knockout", "Attention knockout (information flow)", ["knockout.csv"], lambda df: (
         "<p class='note'>Blocking attention from source to destination tokens (src ↛ dst) at a window of layers; "
-        f"y = mean relative change of {_metric_text(df)} ×100 with 95% CI.</p>"
+        f"y = mean relative change of {_metric_text(df)} ×100 with a seeded bootstrap 95% CI over samples.</p>"
         + page.figure(viz.knockout_curves(df), "knockout")), ko)
     co = _read_csv(d, "contributions.csv")
     section("contributions", "Attention vs MLP contributions", ["contributions.csv"],
             lambda df: page.figure(viz.contribution_bars(df), "contributions"), co)
     an = _read_csv(d, "anchors.csv")
     section("anchors", "Anchor read-out (logit lens)", ["anchors.csv"], lambda df: (
-        "<p class='note'>Share of positions whose logit-lens decision (following vs competitor answer) agrees with "
-        "the model's final answer, at the instruction tokens and the last position.</p>"
+        "<p class='note'>Latent Decision Alignment Rate (LDAR): per layer, the share of samples whose logit-lens "
+        "decision at the token group (sign of the mean following − competitor logit difference over the group's "
+        "tokens) equals the model's final answer, at the instruction tokens and the last position, with a seeded "
+        "bootstrap 95% CI (0.5: chance).</p>"
         + page.figure(viz.anchor_lines(df), "anchors")), an)
     sel = _read_json(d, "heads_selection.json") or {}
     hs = _read_csv(d, "head_scores.csv")

@@ -60,6 +60,31 @@ def test_anchor_readout(circuit_model, syn_samples):
     assert df["agreement"].min() < 1.0  # earlier read-outs disagree somewhere on this random model
 
 
+def test_ldar_is_the_share_of_samples_whose_mean_readout_matches_the_final_answer(circuit_model, syn_samples):
+    """LDAR computed by hand from the cache: per sample, the sign of the mean lens logit difference over the
+    instruction tokens at a layer, compared with the model's final decision."""
+    model = circuit_model
+    df = anchor_readout(model, syn_samples, batch_size=4, progress=False)
+    b = model.prepare(syn_samples)
+    final = following_scores(model, b).followed
+    f = torch.tensor([tokenize_answer(model.tokenizer, s.following_answer)[0] for s in syn_samples])
+    c = torch.tensor([tokenize_answer(model.tokenizer, s.competitor_answer)[0] for s in syn_samples])
+    layer = 1
+    _, cache = model.run_with_cache(b, names_filter=[f"blocks.{layer}.hook_resid_post"], return_type=None)
+    logits = model.unembed(model.ln_final(cache[f"blocks.{layer}.hook_resid_post"]))  # [batch, pos, vocab]
+    rows = torch.arange(len(syn_samples))
+    diff = logits[rows, :, f] - logits[rows, :, c]  # [batch, pos]
+    m = b.spans.mask("instruction")
+    for cond in ("image", "text"):
+        idx = [i for i, s in enumerate(syn_samples) if s.follow == cond]
+        want = np.mean([bool((diff[i][m[i]].mean() > 0) == final[i]) for i in idx])
+        r = df[(df["condition"] == cond) & (df["group"] == "instruction") & (df["layer"] == layer)].iloc[0]
+        assert r["ldar"] == pytest.approx(want) and r["n_samples"] == len(idx)
+        assert r["ldar_low"] <= r["ldar"] <= r["ldar_high"]
+    last = df[df["group"] == "last"]  # one token per sample: LDAR is the token agreement
+    assert np.allclose(last["ldar"], last["agreement"])
+
+
 def test_lens_needs_answers_with_distinct_first_tokens(circuit_model):
     s = Sample(image=None, context="The shape in the image is dark red .", instruction=None,
                question="What is the color of the shape?", constraint="The answer is", answer_img="dark blue",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -21,7 +20,6 @@ from modality_circuits.metrics import (
     following_scores,
     mfr,
     relative_change,
-    summarize,
     tokenize_answer,
 )
 
@@ -113,22 +111,6 @@ def test_relative_change():
     out = relative_change(before, after)
     torch.testing.assert_close(out[:3], torch.tensor([-0.5, 0.5, 0.0]))
     assert torch.isfinite(out).all()  # before = 0 is clamped, not a division by zero
-
-
-def test_summarize_ci_columns():
-    rng = np.random.default_rng(0)
-    df = pd.DataFrame({"edge": ["a"] * 10 + ["b"] * 5 + ["c"], "layer": [0] * 16, "delta": rng.normal(size=16)})
-    out = summarize(df, "delta", ["edge", "layer"])
-    assert list(out.columns) == ["edge", "layer", "mean", "std", "count", "ci_low", "ci_high"]
-    assert list(out["edge"]) == ["a", "b", "c"]
-    for _, r in out.iterrows():
-        v = df.loc[df["edge"] == r["edge"], "delta"].to_numpy()
-        assert r["count"] == len(v)
-        assert np.isclose(r["mean"], v.mean())
-        half = 1.96 * (v.std(ddof=1) if len(v) > 1 else 0.0) / np.sqrt(len(v))
-        assert np.isclose(r["ci_low"], v.mean() - half) and np.isclose(r["ci_high"], v.mean() + half)
-    c = out[out["edge"] == "c"].iloc[0]  # one sample: no spread, the CI collapses onto the mean
-    assert np.isnan(c["std"]) and c["ci_low"] == c["ci_high"] == c["mean"]
 
 
 def test_mfr_closed_form_is_share_of_samples_preferring_following(circuit_model, syn_samples, multi_samples):

@@ -43,7 +43,7 @@ def accuracy_line(ev: dict) -> str:
 
 
 def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
-    from ..metrics import summarize
+    from ..stats import summarize
     from ..sweeps.knockout import DEFAULT_EDGES, knockout_sweep
 
     with run.stage("knockout") as info:
@@ -90,13 +90,16 @@ def stage_anchors(run: Run, model: HookedMLLM, conflict: list, args: argparse.Na
         df = anchor_readout(model, usable_for_lens(model, conflict), groups=groups, batch_size=args.batch_size,
                             progress=not run.quiet)
         run.csv(df, "anchors.csv")
-        best = {}
+        best, best_ldar = {}, {}
         for (cond, g), d in df.groupby(["condition", "group"]):
             r = d.loc[d["agreement"].idxmax()]
             best[f"{cond}/{g}"] = {"layer": int(r["layer"]), "agreement": round(float(r["agreement"]), 4)}
-        run.results["anchors"] = {"best_agreement": best}
-        info["summary"] = "best agreement " + "; ".join(f"{k} {v['agreement']:.2f} @ layer {v['layer']}"
-                                                        for k, v in best.items())
+            r = d.loc[d["ldar"].idxmax()]
+            best_ldar[f"{cond}/{g}"] = {"layer": int(r["layer"]), "ldar": round(float(r["ldar"]), 4),
+                                        "ci": [round(float(r["ldar_low"]), 4), round(float(r["ldar_high"]), 4)]}
+        run.results["anchors"] = {"best_agreement": best, "best_ldar": best_ldar}
+        info["summary"] = "best LDAR " + "; ".join(f"{k} {v['ldar']:.2f} @ layer {v['layer']}"
+                                                   for k, v in best_ldar.items())
     return df
 
 

@@ -13,7 +13,8 @@ Protocol (the paper's, made explicit):
 4. **Controls**: the same with ``n_random`` random head sets of equal size (mean ± std), and **general
    ability** (accuracy on single-modality probes and consistent samples) before and after blocking.
 
-Everything comes back as one tidy table (one row per measurement) plus the selection.
+Everything comes back as one tidy table (one row per measurement, each rate with its seeded bootstrap 95% interval
+over samples, ``ci_low``/``ci_high``, :func:`~modality_circuits.stats.bootstrap_ci`) plus the selection.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..errors import InterventionError
 from ..interventions.base import Intervention, apply
 from ..interventions.heads import ScaleHeads, mean_z
 from ..metrics import score_dataset
+from ..stats import bootstrap_ci
 from .heads import head_scores, score_matrix, select_heads
 
 if TYPE_CHECKING:
@@ -106,10 +108,16 @@ def heads_experiment(model: HookedMLLM, conflict: Sequence[Any], general: Sequen
 
     rows: list[dict] = []
 
-    def add(condition: str, measure: str, intervention: str, heads: str, value: float, n: int,
-            alpha: float = float("nan"), draw: int = -1) -> None:
+    def add(condition: str, measure: str, intervention: str, heads: str, per_sample: torch.Tensor | None,
+            n: int, alpha: float = float("nan"), draw: int = -1, value: float | None = None) -> None:
+        """One row; ``value`` is the mean of ``per_sample`` (``[n]`` booleans) with its bootstrap interval."""
+        lo = hi = float("nan")
+        if per_sample is not None:
+            v = per_sample.float().cpu().numpy()
+            value = float(v.mean()) if v.size else float("nan")
+            lo, hi = bootstrap_ci(v, seed=seed)
         rows.append({"condition": condition, "measure": measure, "intervention": intervention, "heads": heads,
-                     "alpha": alpha, "draw": draw, "value": value, "n": n})
+                     "alpha": alpha, "draw": draw, "value": value, "ci_low": lo, "ci_high": hi, "n": n})
 
     sets = [("selected", -1, selected)] + [("random", i, r) for i, r in enumerate(randoms)]
     for cond in ("image", "text"):
@@ -117,29 +125,29 @@ def heads_experiment(model: HookedMLLM, conflict: Sequence[Any], general: Sequen
         if not ev:
             continue
         base = _followed(model, ev, [], batch_size)
-        add(cond, "mfr", "none", "none", float(base.float().mean()), len(ev))
+        add(cond, "mfr", "none", "none", base, len(ev))
         failed = [s for s, ok in zip(ev, base.tolist()) if not ok]
         pool = [s for s in failed_pool if s.follow == cond]
         if pool:
             failed += [s for s, ok in zip(pool, _followed(model, pool, [], batch_size).tolist()) if not ok]
-        add(cond, "failed", "none", "none", float(len(failed)), len(ev) + len(pool))
+        add(cond, "failed", "none", "none", None, len(ev) + len(pool), value=float(len(failed)))
         if not failed:
             logger.warning("condition %s: no failed samples to amplify (all %d follow the instruction); "
                            "restore rates are not defined", cond, len(ev) + len(pool))
         for name, draw, hs in sets:
             blocked = _followed(model, ev, [ScaleHeads(hs, 0.0, baseline=baseline)], batch_size)
-            add(cond, "mfr", "block", name, float(blocked.float().mean()), len(ev), draw=draw)
+            add(cond, "mfr", "block", name, blocked, len(ev), draw=draw)
             for a in alphas:
                 if failed:
                     amp = _followed(model, failed, [ScaleHeads(hs, a)], batch_size)
-                    add(cond, "restored", "amplify", name, float(amp.float().mean()), len(failed), alpha=a, draw=draw)
+                    add(cond, "restored", "amplify", name, amp, len(failed), alpha=a, draw=draw)
                 else:
-                    add(cond, "restored", "amplify", name, float("nan"), 0, alpha=a, draw=draw)
+                    add(cond, "restored", "amplify", name, None, 0, alpha=a, draw=draw, value=float("nan"))
     for kind in sorted({s.kind for s in general}):
         g = [s for s in general if s.kind == kind]
-        add(kind, "accuracy", "none", "none", float(_followed(model, g, [], batch_size).float().mean()), len(g))
+        add(kind, "accuracy", "none", "none", _followed(model, g, [], batch_size), len(g))
         for name, draw, hs in sets:
             acc = _followed(model, g, [ScaleHeads(hs, 0.0, baseline=baseline)], batch_size)
-            add(kind, "accuracy", "block", name, float(acc.float().mean()), len(g), draw=draw)
+            add(kind, "accuracy", "block", name, acc, len(g), draw=draw)
     return HeadExperimentResult(pd.DataFrame(rows), scores, selected, randoms,
                                 {"selection": [s.id for s in sel_split], "evaluation": [s.id for s in eval_split]})

@@ -106,7 +106,7 @@ def knockout_sweep(model: HookedMLLM, samples: Sequence[Any], edges: Sequence[tu
     Returns:
         Columns ``sample_id, condition, task, kind, edge, src, dst, layer (the centre), layers, metric, base,
         value, delta`` with ``delta = (value − base) / base``. Aggregate with
-        :func:`modality_circuits.metrics.summarize` (mean and 95% CI).
+        :func:`modality_circuits.stats.summarize` (mean and bootstrap 95% CI).
     """
     met = as_metric(metric, first_token=first_token)
     centers = check_layers(model, list(range(model.cfg.n_layers)) if centers is None else centers)

@@ -1,11 +1,11 @@
 """Plotly figures of the analyses, each built from the tidy table the analysis returns.
 
 * :func:`knockout_curves` — the paper's Figs 2-3: x = layer, y = mean relative change ``Δ × 100`` of the binary
-  following probability with 95% CI error bars (:func:`~modality_circuits.metrics.summarize`), one line per
+  following probability with bootstrap 95% CI error bars (:func:`~modality_circuits.stats.summarize`), one line per
   edge ``src ↛ dst``, one panel per condition (vision-following / text-following).
 * :func:`contribution_bars` — per layer, the mean direct contribution of attention vs MLP outputs to the
   following-minus-competitor logit difference, for successful and failed samples, per condition.
-* :func:`anchor_lines` — logit-lens agreement with the final decision per layer, one line per token group.
+* :func:`anchor_lines` — the latent decision alignment rate (LDAR) per layer, one line per token group.
 * :func:`head_heatmaps` — layer × head score matrices, one panel per scoring method.
 * :func:`results_table_html` — the blocking/amplification results table with random-head controls.
 """
@@ -24,7 +24,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from ..data.sample import CONDITION_LABELS
-from ..metrics import summarize
+from ..stats import summarize
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,17 @@ def contribution_bars(df: pd.DataFrame, conditions: Sequence[str] | None = None,
 
 
 # ------------------------------------------------------------------------------------------- anchors
-def anchor_lines(df: pd.DataFrame, value: str = "agreement", conditions: Sequence[str] | None = None,
-                 title: str = "Anchor read-out: logit-lens agreement with the final decision") -> go.Figure:
-    """Per layer, the logit-lens agreement (or ``follow_rate`` …) at each token group, one panel per condition.
+def anchor_lines(df: pd.DataFrame, value: str | None = None, conditions: Sequence[str] | None = None,
+                 title: str | None = None) -> go.Figure:
+    """Per layer, the LDAR (default; ``agreement``, ``follow_rate`` … on request) at each token group, one panel
+    per condition, with error bars where the table has ``{value}_low``/``{value}_high``.
 
-    ``df`` is :func:`~modality_circuits.lens.anchor_readout`'s table (``condition, group, layer, value``).
+    ``df`` is :func:`~modality_circuits.lens.anchor_readout`'s table (``condition, group, layer, value``); tables
+    written before LDAR existed fall back to ``agreement``.
     """
+    value = value or ("ldar" if "ldar" in df.columns else "agreement")
+    title = title or ("Anchor read-out: latent decision alignment rate (LDAR)" if value == "ldar"
+                      else "Anchor read-out: logit-lens agreement with the final decision")
     if df.empty:
         return _empty(title, "no anchor read-out results")
     conds = _conditions(df, conditions)
@@ -167,14 +172,18 @@ def anchor_lines(df: pd.DataFrame, value: str = "agreement", conditions: Sequenc
             d = df[(df["condition"] == cond) & (df["group"] == g)].sort_values("layer")
             if d.empty:
                 continue
+            err = None
+            if f"{value}_low" in d.columns:
+                err = dict(type="data", symmetric=False, array=d[f"{value}_high"] - d[value],
+                           arrayminus=d[value] - d[f"{value}_low"], thickness=1)
             fig.add_trace(go.Scatter(x=d["layer"], y=d[value], mode="lines+markers", name=g, legendgroup=g,
-                                     showlegend=ci == 1, line=dict(color=PALETTE[gi % len(PALETTE)])),
+                                     showlegend=ci == 1, line=dict(color=PALETTE[gi % len(PALETTE)]), error_y=err),
                           row=1, col=ci)
-        fig.update_xaxes(title_text="layer", dtick=1, row=1, col=ci)
-        if value in ("agreement", "follow_rate"):
+        fig.update_xaxes(title_text="layer", dtick=1 if df["layer"].max() < 16 else 3, row=1, col=ci)
+        if value in ("agreement", "follow_rate", "ldar"):
             fig.add_hline(y=0.5, line=dict(color="grey", width=1, dash="dot"), row=1, col=ci)
-    fig.update_yaxes(title_text=value.replace("_", " "), row=1, col=1)
-    if value in ("agreement", "follow_rate"):
+    fig.update_yaxes(title_text="LDAR" if value == "ldar" else value.replace("_", " "), row=1, col=1)
+    if value in ("agreement", "follow_rate", "ldar"):
         fig.update_yaxes(range=[-0.02, 1.02])
     fig.update_layout(title=title, height=400, legend_title_text="token group", template="plotly_white")
     return fig
@@ -241,7 +250,7 @@ def results_table_html(summary: pd.DataFrame, split: Mapping[str, Any] | None = 
 
     Args:
         summary: one row per (condition, measure, intervention, alpha) with ``value``, ``n``, ``random_mean``,
-            ``random_std``.
+            ``random_std`` (and ``ci_low``/``ci_high`` where computed, shown after the value).
         split: ``{"selection": n or ids, "evaluation": n or ids}`` (the disjoint splits).
         selected: the selected (layer, head) pairs.
     """
@@ -257,6 +266,8 @@ def results_table_html(summary: pd.DataFrame, split: Mapping[str, Any] | None = 
     for _, r in sm.iterrows():
         meas, inter = r["measure"], r["intervention"]
         value = _fmt(r["value"])
+        if pd.notna(r.get("ci_low")) and meas != "failed":
+            value += f" <span class='ci'>[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]</span>"
         if meas == "failed":
             what, value = "failed samples to amplify (n: samples searched)", f"{int(r['value'])}"
         elif inter == "none":
@@ -270,7 +281,7 @@ def results_table_html(summary: pd.DataFrame, split: Mapping[str, Any] | None = 
         rows.append(f"<tr><td>{html.escape(_label(r['condition']))}</td><td>{html.escape(what)}</td>"
                     f"<td class='num'>{value}</td><td class='num'>{rnd}</td>"
                     f"<td class='num'>{int(r['n']) if pd.notna(r['n']) else '–'}</td></tr>")
-    head = ("<tr><th>condition / samples</th><th>measure</th><th>selected heads</th>"
+    head = ("<tr><th>condition / samples</th><th>measure</th><th>selected heads [bootstrap 95% CI]</th>"
             f"<th>random heads (mean ± std{f' over {n_random} sets' if n_random else ''})</th><th>n</th></tr>")
     notes = []
     if split:

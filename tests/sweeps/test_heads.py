@@ -429,6 +429,9 @@ def test_heads_experiment_table(circuit_model):
     assert (blocked.groupby("condition")["heads"].apply(lambda h: (h == "random").sum()) == 2).all()
     vals = t[t["measure"] != "failed"]["value"].dropna()
     assert ((vals >= 0) & (vals <= 1)).all()
+    rated = t[(t["measure"] != "failed") & (t["n"] > 0)]  # every rate has its bootstrap interval around it
+    assert ((rated["ci_low"] <= rated["value"]) & (rated["value"] <= rated["ci_high"])).all()
+    assert t[t["measure"] == "failed"]["ci_low"].isna().all()
     s = res.summary()
     assert {"random_mean", "random_std"} <= set(s.columns)
     assert (s["heads"] != "random").all()

@@ -13,7 +13,8 @@ from reference import naive_knockout_sweep
 
 from modality_circuits.errors import InterventionError, SpanError
 from modality_circuits.interventions import knockout
-from modality_circuits.metrics import following_scores, summarize
+from modality_circuits.metrics import following_scores
+from modality_circuits.stats import summarize
 from modality_circuits.sweeps import DEFAULT_EDGES, knockout_sweep
 
 COLUMNS = ["sample_id", "condition", "task", "kind", "edge", "src", "dst", "layer", "layers", "metric", "base",
