@@ -181,7 +181,7 @@ def embedding_pass(model: HookedMLLM, batch: MLLMBatch, copies: int, with_cache:
     return run_
 
 
-def baseline(model: HookedMLLM, clean: CleanRun, metric: MetricLike = "p_binary") -> Float[Tensor, " batch"]:
+def baseline(model: HookedMLLM, clean: CleanRun, metric: MetricLike = "p_binary") -> Float[Tensor, " batch *rest"]:
     """The metric of the clean run itself (only the last position of the final block is recomputed)."""
     return run(model, clean, [()], metric)[0]
 

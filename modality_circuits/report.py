@@ -12,6 +12,7 @@ file is optional and a missing one leaves its section with a note:
 ``manifest.json``           versions, model (+ sha256 of its weights), data, seed, arguments, stage timings
 ``evaluate.json``           MFR per condition and general-ability accuracies (with failure counts)
 ``knockout.csv``            :func:`~modality_circuits.sweeps.knockout.knockout_sweep`'s tidy table
+``knockout_stability.csv``  :func:`~modality_circuits.sweeps.stability.subset_stability` of it
 ``contributions.csv``       :func:`~modality_circuits.lens.contributions`'s tidy table
 ``anchors.csv``             :func:`~modality_circuits.lens.anchor_readout`'s table
 ``head_scores.csv``         :func:`~modality_circuits.sweeps.heads.head_scores` tables (column ``method``)
@@ -201,6 +202,27 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, png: bo
         "<p class='note'>Blocking attention from source to destination tokens (src ↛ dst) at a window of layers; "
         f"y = mean relative change of {_metric_text(df)} ×100 with a seeded bootstrap 95% CI over samples.</p>"
         + page.figure(viz.knockout_curves(df), "knockout")), ko)
+    if ko is not None and "p_follow_delta" in ko.columns:
+        section("knockout-unconstrained", "Knockout without the binary constraint", ["knockout.csv"], lambda df: (
+            "<p class='note'>The same knockouts, read from the same forward passes without renormalising over the "
+            "two answers: the relative change of the unconstrained probability of the following answer, and the "
+            "change (percentage points) of the probability left outside both answers (1 − P(f) − P(c)). A drop of "
+            "the binary score together with a rise outside both answers means the knockout breaks the answer "
+            "format rather than flipping the modality.</p>"
+            + page.figure(viz.knockout_curves(df, value="p_follow_delta", title="Attention knockout: relative "
+                                              "change of the unconstrained P(following answer)"),
+                          "knockout-unconstrained")
+            + page.figure(viz.knockout_curves(df.assign(p_outside_change=df["p_outside"] - df["p_outside_base"]),
+                                              value="p_outside_change", ylabel="change (percentage points)",
+                                              title="Attention knockout: change of the probability outside both "
+                                                    "answers"), "knockout-outside")), ko)
+    st = _read_csv(d, "knockout_stability.csv")
+    section("knockout-stability", "Data-ratio stability of the knockout curves", ["knockout_stability.csv"],
+            lambda df: (
+                "<p class='note'>Each knockout curve recomputed on nested subsets of the samples (one seeded "
+                "permutation; 0.2 … 1.0 of them) and compared with the curve on all samples (Pearson r over the layer "
+                "windows; NaN for a flat curve).</p>" + page.figure(viz.stability_lines(df), "knockout-stability")),
+            st)
     co = _read_csv(d, "contributions.csv")
     section("contributions", "Attention vs MLP contributions", ["contributions.csv"],
             lambda df: page.figure(viz.contribution_bars(df), "contributions"), co)

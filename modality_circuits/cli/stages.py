@@ -45,6 +45,7 @@ def accuracy_line(ev: dict) -> str:
 def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
     from ..stats import summarize
     from ..sweeps.knockout import DEFAULT_EDGES, knockout_sweep
+    from ..sweeps.stability import subset_stability
 
     with run.stage("knockout") as info:
         edges = parse_edges(args.edges) or list(DEFAULT_EDGES)
@@ -59,6 +60,10 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
             r = g.loc[g["mean"].idxmin()]
             worst[cond] = {"edge": r["edge"], "layer": int(r["layer"]), "mean_delta": round(float(r["mean"]), 4)}
         run.results["knockout"] = {"n_rows": len(df), "edges": [f"{a}↛{b}" for a, b in edges], "largest_drop": worst}
+        st = subset_stability(df, seed=args.seed)  # data-ratio control: no forward passes
+        run.csv(st, "knockout_stability.csv")
+        run.results["knockout"]["stability_median_r"] = {
+            f"{f:g}": round(float(v), 4) for f, v in st.groupby("fraction")["pearson_r"].median().items()}
         info["summary"] = f"{len(edges)} edges × {df['layer'].nunique()} layers × {df['sample_id'].nunique()} " \
                           "samples; largest drop: " + "; ".join(
                               f"{c}: {w['edge']} @ layer {w['layer']} ({100 * w['mean_delta']:+.1f}%)"

@@ -2,5 +2,6 @@
 layers × edges × heads × samples and return tidy tables."""
 
 from .knockout import DEFAULT_EDGES, knockout_sweep
+from .stability import nested_subsets, subset_stability
 
-__all__ = ["DEFAULT_EDGES", "knockout_sweep"]
+__all__ = ["DEFAULT_EDGES", "knockout_sweep", "nested_subsets", "subset_stability"]

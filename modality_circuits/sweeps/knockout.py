@@ -6,6 +6,12 @@ knockouts sharing a first layer and destination group run side by side in one ba
 that layer and the group's first position. The default metric is the binary-constrained following probability
 (any :class:`~modality_circuits.metrics.Metric` works); the effect is the paper's relative change
 ``Δ = (value − base) / base``.
+
+**Unconstrained variant** (the rebuttal's check of the binary constraint). With a named answer metric the sweep
+reads both answers' log-probabilities once and also reports, from the same forward, the unconstrained
+``P(following answer)`` (``p_follow``, its relative change ``p_follow_delta``) and the probability left outside
+both answers, ``p_outside = 1 − P(f) − P(c)`` (full answers; with multi-token answers their sequence
+probabilities), before (``*_base``) and under each knockout.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from ..engine import CleanRun, baseline, chunked, run
 from ..errors import SpanError
 from ..interventions.core import check_layers, layer_window
 from ..interventions.knockout import Knockout
-from ..metrics import Metric, MetricLike, as_metric, iter_batches, relative_change
+from ..metrics import AnswerMetric, Metric, MetricLike, as_metric, iter_batches, relative_change
 from ..prompts import MLLMBatch
 
 if TYPE_CHECKING:
@@ -63,11 +69,31 @@ def _check_groups(batch: MLLMBatch, edges: Sequence[tuple[str, str]]) -> None:
                                 f"Available groups: {batch.spans.names}.")
 
 
+def _both_answers(metric: Metric) -> AnswerMetric | None:
+    """The log-probability metric that also gives the unconstrained variant, for a named answer metric."""
+    if isinstance(metric, AnswerMetric) and metric.kind in ("p_binary", "p_follow", "logit_diff"):
+        return AnswerMetric("logprobs", first_token=metric.first_token, answers=metric.answers)
+    return None
+
+
+def _from_logprobs(lp: torch.Tensor, kind: str, first_token: bool) -> dict[str, torch.Tensor]:
+    """``lp``: ``[..., 4]`` (logp f, logp c, first-token logp f, first-token logp c) -> the metric and variants."""
+    f, c = (lp[..., 2], lp[..., 3]) if first_token else (lp[..., 0], lp[..., 1])
+    value = {"p_binary": torch.sigmoid(f - c), "p_follow": f.exp(), "logit_diff": f - c}[kind]
+    return {"value": value, "p_follow": f.exp(), "p_outside": 1 - f.exp() - c.exp()}
+
+
 @torch.no_grad()
 def _sweep_batch(model: HookedMLLM, batch: MLLMBatch, configs: list[dict], metric: Metric, max_configs: int
                  ) -> list[dict]:
     clean = CleanRun.record(model, batch)
-    base = baseline(model, clean, metric)
+    lp_metric = _both_answers(metric)
+    scored = lp_metric or metric
+    variants: dict[str, torch.Tensor] = {}
+    base = baseline(model, clean, scored)  # [batch] (or [batch, 4] of log-probabilities)
+    if lp_metric is not None:
+        variants = _from_logprobs(base, metric.kind, metric.first_token)
+        base = variants["value"]
     # configurations that share a first layer and destination share a prefix: run them side by side
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for ci, c in enumerate(configs):
@@ -75,17 +101,28 @@ def _sweep_batch(model: HookedMLLM, batch: MLLMBatch, configs: list[dict], metri
     results: dict[int, torch.Tensor] = {}
     for cis in groups.values():
         for part in chunked(cis, max_configs):
-            vals = run(model, clean, [configs[ci]["iv"] for ci in part], metric)  # [config, batch]
+            vals = run(model, clean, [configs[ci]["iv"] for ci in part], scored)  # [config, batch (, 4)]
             for k, ci in enumerate(part):
                 results[ci] = vals[k]
     rows = []
     for ci, c in enumerate(configs):
+        extra: dict[str, torch.Tensor] = {}
+        if lp_metric is not None:
+            extra = _from_logprobs(results[ci], metric.kind, metric.first_token)
+            results[ci] = extra["value"]
         delta = relative_change(base, results[ci])
+        p_delta = relative_change(variants["p_follow"], extra["p_follow"]) if extra else None
         for i, smp in enumerate(batch.samples):
-            rows.append({"sample_id": smp.id, "condition": smp.follow, "task": smp.task, "kind": smp.kind,
-                         "edge": edge_name(c["src"], c["dst"]), "src": c["src"], "dst": c["dst"],
-                         "layer": c["layer"], "layers": ",".join(map(str, c["layers"])), "metric": metric.name,
-                         "base": float(base[i]), "value": float(results[ci][i]), "delta": float(delta[i])})
+            row = {"sample_id": smp.id, "condition": smp.follow, "task": smp.task, "kind": smp.kind,
+                   "edge": edge_name(c["src"], c["dst"]), "src": c["src"], "dst": c["dst"],
+                   "layer": c["layer"], "layers": ",".join(map(str, c["layers"])), "metric": metric.name,
+                   "base": float(base[i]), "value": float(results[ci][i]), "delta": float(delta[i])}
+            if extra:
+                row.update({"p_follow_base": float(variants["p_follow"][i]), "p_follow": float(extra["p_follow"][i]),
+                            "p_follow_delta": float(p_delta[i]),
+                            "p_outside_base": float(variants["p_outside"][i]),
+                            "p_outside": float(extra["p_outside"][i])})
+            rows.append(row)
     return rows
 
 
@@ -105,7 +142,8 @@ def knockout_sweep(model: HookedMLLM, samples: Sequence[Any], edges: Sequence[tu
 
     Returns:
         Columns ``sample_id, condition, task, kind, edge, src, dst, layer (the centre), layers, metric, base,
-        value, delta`` with ``delta = (value − base) / base``. Aggregate with
+        value, delta`` with ``delta = (value − base) / base``; for a named answer metric also ``p_follow_base,
+        p_follow, p_follow_delta, p_outside_base, p_outside`` (the unconstrained variant, same forward). Aggregate with
         :func:`modality_circuits.stats.summarize` (mean and bootstrap 95% CI).
     """
     met = as_metric(metric, first_token=first_token)

@@ -3,6 +3,7 @@
 * :func:`knockout_curves` — the paper's Figs 2-3: x = layer, y = mean relative change ``Δ × 100`` of the binary
   following probability with bootstrap 95% CI error bars (:func:`~modality_circuits.stats.summarize`), one line per
   edge ``src ↛ dst``, one panel per condition (vision-following / text-following).
+* :func:`stability_lines` — data-ratio stability: each nested subset's knockout curve against the full one.
 * :func:`contribution_bars` — per layer, the mean direct contribution of attention vs MLP outputs to the
   following-minus-competitor logit difference, for successful and failed samples, per condition.
 * :func:`anchor_lines` — the latent decision alignment rate (LDAR) per layer, one line per token group.
@@ -63,7 +64,8 @@ def _empty(title: str, message: str) -> go.Figure:
 # ------------------------------------------------------------------------------------------- knockout
 def knockout_curves(df: pd.DataFrame, value: str = "delta", edges: Sequence[str] | None = None,
                     conditions: Sequence[str] | None = None, band: bool = False, scale: float = 100.0,
-                    title: str = "Attention knockout: relative change of the following probability") -> go.Figure:
+                    title: str = "Attention knockout: relative change of the following probability",
+                    ylabel: str | None = None) -> go.Figure:
     """Knockout curves from :func:`~modality_circuits.sweeps.knockout.knockout_sweep`'s table.
 
     Args:
@@ -98,9 +100,36 @@ def knockout_curves(df: pd.DataFrame, value: str = "delta", edges: Sequence[str]
                                                       thickness=1, width=3), **common), row=1, col=ci)
         fig.add_hline(y=0, line=dict(color="grey", width=1, dash="dot"), row=1, col=ci)
         fig.update_xaxes(title_text="layer", dtick=1 if df["layer"].nunique() <= 40 else None, row=1, col=ci)
-    fig.update_yaxes(title_text=f"relative change Δ{' (%)' if scale == 100 else ''}", row=1, col=1)
+    fig.update_yaxes(title_text=ylabel or f"relative change Δ{' (%)' if scale == 100 else ''}", row=1, col=1)
     fig.update_layout(title=title, height=480, legend_title_text="edge (src ↛ dst)", template="plotly_white",
                       legend=dict(font=dict(size=11), tracegroupgap=2))
+    return fig
+
+
+def stability_lines(df: pd.DataFrame, conditions: Sequence[str] | None = None,
+                    title: str = "Data-ratio stability: correlation of each subset's knockout curve with the full one"
+                    ) -> go.Figure:
+    """Pearson r of the subset curve with the full curve vs the fraction of samples, one line per edge, one panel
+    per condition (:func:`~modality_circuits.sweeps.stability.subset_stability`'s table)."""
+    if df.empty:
+        return _empty(title, "no stability results")
+    conds = _conditions(df, conditions)
+    edges = list(dict.fromkeys(df["edge"]))
+    fig = make_subplots(rows=1, cols=len(conds), shared_yaxes=True, subplot_titles=[_label(c) for c in conds],
+                        horizontal_spacing=0.06)
+    for ci, cond in enumerate(conds, start=1):
+        for ei, edge in enumerate(edges):
+            d = df[(df["condition"] == cond) & (df["edge"] == edge)].sort_values("fraction")
+            if d.empty:
+                continue
+            fig.add_trace(go.Scatter(x=d["fraction"], y=d["pearson_r"], mode="lines+markers", name=edge,
+                                     legendgroup=edge, showlegend=ci == 1,
+                                     line=dict(color=PALETTE[ei % len(PALETTE)]),
+                                     customdata=d["n_samples"], hovertemplate="%{x:.1f} (n=%{customdata}): "
+                                                                              "r=%{y:.3f}"), row=1, col=ci)
+        fig.update_xaxes(title_text="fraction of samples", row=1, col=ci)
+    fig.update_yaxes(title_text="Pearson r with the full curve", range=[-1.05, 1.05], row=1, col=1)
+    fig.update_layout(title=title, height=400, legend_title_text="edge (src ↛ dst)", template="plotly_white")
     return fig
 
 

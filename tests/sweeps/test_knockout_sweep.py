@@ -31,8 +31,11 @@ def log_odds(p):
     return np.log(p) - np.log1p(-p)
 
 
+VARIANT_COLUMNS = ["p_follow_base", "p_follow", "p_follow_delta", "p_outside_base", "p_outside"]
+
+
 def compare(a, b, atol=1e-5):
-    assert list(a.columns) == COLUMNS
+    assert list(a.columns) == COLUMNS + VARIANT_COLUMNS
     assert len(a) == len(b) > 0
     key = ["sample_id", "edge", "layer"]
     a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
@@ -65,6 +68,38 @@ def test_cached_sweep_equals_naive_synthetic_two_batches(circuit_model, syn_samp
     kw = dict(window=window, window_mode=mode, batch_size=4, progress=False)
     compare(knockout_sweep(circuit_model, syn_samples, **kw),
             naive_knockout_sweep(circuit_model, syn_samples, window=window, window_mode=mode, batch_size=4))
+
+
+@pytest.mark.parametrize("first_token", [False, True])
+def test_unconstrained_variant_equals_a_p_follow_sweep(circuit_model, multi_samples, first_token):
+    """The variant columns come from the same forward and equal a separate sweep scored with P(following)."""
+    kw = dict(edges=[("image", "last"), ("instruction", "last")], centers=[0, 2], first_token=first_token,
+              batch_size=4, progress=False)
+    both = knockout_sweep(circuit_model, multi_samples, **kw).sort_values(["sample_id", "edge", "layer"])
+    alone = knockout_sweep(circuit_model, multi_samples, metric="p_follow", **kw).sort_values(
+        ["sample_id", "edge", "layer"])
+    assert list(alone.columns) == COLUMNS + VARIANT_COLUMNS and (alone["metric"] != both["metric"]).all()
+    np.testing.assert_allclose(both["p_follow"].to_numpy(), alone["value"].to_numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(both["p_follow_base"].to_numpy(), alone["base"].to_numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(both["p_follow_delta"].to_numpy(), alone["delta"].to_numpy(), atol=1e-4)
+    for col in ("p_outside", "p_outside_base"):
+        assert both[col].between(-1e-6, 1).all()
+    # P(f) + P(c) + P(outside) = 1, and the binary score is P(f) / (P(f) + P(c)) (checked where the two answers
+    # hold enough mass for the subtraction to be well conditioned)
+    ok = (1 - both["p_outside"]) > 1e-2
+    p_c = 1 - both["p_follow"] - both["p_outside"]
+    if ok.any():
+        np.testing.assert_allclose(both["value"][ok], (both["p_follow"] / (both["p_follow"] + p_c))[ok], atol=1e-4)
+
+
+def test_variant_only_for_named_answer_metrics():
+    from modality_circuits.metrics import LogitsMetric, as_metric
+    from modality_circuits.sweeps.knockout import _both_answers
+
+    for name in ("p_binary", "p_follow", "logit_diff", "p_binary_first"):
+        lp = _both_answers(as_metric(name))
+        assert lp.kind == "logprobs" and lp.first_token == name.endswith("_first")
+    assert _both_answers(LogitsMetric(lambda logits: logits[:, -1, 0])) is None
 
 
 def test_sweep_rows_and_windows(circuit_model, syn_samples):
