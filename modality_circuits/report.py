@@ -128,7 +128,7 @@ def _study_sizes(manifest: dict) -> str:
     """The profile and the sample counts / layer windows the run used (what the report's numbers rest on)."""
     a = manifest.get("args", {})
     keys = ("n", "n_general", "centers", "window", "method", "heatmap_methods", "n_random", "n_failed_pool", "n_patch",
-            "patch_every")
+            "patch_every", "random_sets", "distractors")
     sizes = ", ".join(f"{k}={a[k]}" for k in keys if a.get(k) is not None)
     return f"{manifest.get('study_profile', '?')} profile: {sizes}" if sizes else "?"
 

@@ -7,13 +7,22 @@ they are never recovered afterwards by searching token strings. A span is stored
 Standard group names: ``image`` (all image tokens; ``image.0``, ``image.1`` … per image), ``context``,
 ``instruction``, ``question``, ``constraint``, ``system``, ``template`` (chat-role glue), ``bos``,
 ``answer_prefix`` and ``last`` (the position whose logits predict the answer's first token).
+
+**Random control groups** (the "is the instruction special, or any tokens?" control). A group named
+``random<k>~<like>`` (e.g. ``random0~instruction``; :func:`random_group_name`) holds, in every row, as many positions
+as ``like`` has there, drawn uniformly without replacement from the user-turn text groups (:data:`RANDOM_POOL`)
+outside ``like``; draw ``k`` of a sample is seeded by ``(seed, k, the sample's id)``, so it does not depend on how
+samples are batched. :func:`with_random_groups` adds the groups a list of names asks for.
 """
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -171,3 +180,56 @@ def positions_to_mask(positions: Sequence[Sequence[int]] | Sequence[int], batch:
                 raise SpanError(f"Position {p} is out of range for a sequence of length {seq_len}.")
             m[i, p] = True
     return m
+
+
+#: The groups a random control set is drawn from (minus the group it mimics): the user turn's text.
+RANDOM_POOL = ("context", "instruction", "question", "constraint")
+_RANDOM = re.compile(r"^random(\d+)~(.+)$")
+
+
+def random_group_name(like: str, k: int = 0) -> str:
+    """The name of random control set ``k`` mimicking group ``like`` (``random0~instruction``)."""
+    return f"random{k}~{like}"
+
+
+def parse_random_group(name: str) -> tuple[int, str] | None:
+    """``(k, like)`` for a random control group's name, else None."""
+    m = _RANDOM.match(name) if isinstance(name, str) else None
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def random_like(spans: Spans, like: str, sample_ids: Sequence[str], k: int = 0, seed: int = 0,
+                pool: Sequence[str] = RANDOM_POOL) -> Bool[Tensor, "batch pos"]:
+    """Per row, ``|like|`` positions drawn from ``pool`` groups outside ``like`` (seeded by seed, k, sample id).
+
+    Raises:
+        SpanError: ``like`` is not a group of the batch, or a row's pool has fewer positions than ``like``.
+    """
+    if like not in spans:
+        raise SpanError(f"Random control group: the prompts have no group {like!r} to mimic. "
+                        f"Available groups: {spans.names}.")
+    if len(sample_ids) != spans.batch_size:
+        raise SpanError(f"random_like needs one sample id per row: {len(sample_ids)} ids for {spans.batch_size} rows.")
+    target = spans.mask(like, allow_empty=True)
+    groups = [g for g in pool if g != like and g in spans]
+    source = (spans.mask(groups, allow_empty=True) if groups else torch.zeros_like(target)) & ~target
+    out = torch.zeros_like(target)
+    for i, sid in enumerate(sample_ids):
+        n = int(target[i].sum())
+        cand = source[i].nonzero().flatten()
+        if n > len(cand):
+            raise SpanError(f"Sample {sid!r}: a random stand-in for {like!r} needs {n} positions, but the pool "
+                            f"({', '.join(groups) or 'nothing'}) has only {len(cand)} outside it.")
+        rng = np.random.default_rng([seed, k, zlib.crc32(str(sid).encode())])
+        out[i, cand[torch.as_tensor(rng.choice(len(cand), n, replace=False), dtype=torch.long)]] = True
+    return out
+
+
+def with_random_groups(spans: Spans, names: Iterable[str], sample_ids: Sequence[str], seed: int = 0) -> Spans:
+    """``spans`` plus every random control group among ``names`` (others are ignored)."""
+    for name in dict.fromkeys(names):
+        parsed = parse_random_group(name)
+        if parsed is not None and name not in spans:
+            k, like = parsed
+            spans = spans.with_group(name, random_like(spans, like, sample_ids, k, seed))
+    return spans

@@ -273,6 +273,10 @@ def _knockout_opts(p: argparse.ArgumentParser) -> None:
                    help="knock out K consecutive layers (default: 1; 3 on models deeper than 8 layers)")
     g.add_argument("--window-mode", choices=("centered", "start"), default="centered",
                    help="window centred on the layer or starting at it (default: centered)")
+    g.add_argument("--random-sets", type=int, default=None, metavar="K",
+                   help="control: each edge into or out of the instruction is also run with K random token sets of "
+                        "the instruction's size drawn from the other user-turn text (groups random0~instruction …; "
+                        "default: 2 on models of at most 8 layers, 0 on deeper ones, to fit the time budget)")
     g.add_argument("--first-token", action="store_true", help="score only the answers' first token")
     g.add_argument("--metric", default="p_binary", choices=("p_binary", "p_follow", "logit_diff"),
                    help="what the knockout changes: the binary-constrained following probability (default), the "

@@ -53,10 +53,10 @@ def resolve_model(spec: str | Path | None) -> Path:
 STUDY_PROFILES: dict[str, dict[str, Any]] = {
     "full": {"n": 200, "centers": None, "window": 1, "method": "ablation",
              "heatmap_methods": "ablation,attribution,dla,attention", "n_random": 10, "n_failed_pool": 1000,
-             "n_patch": 16, "patch_every": 1},
+             "n_patch": 16, "patch_every": 1, "random_sets": 2},
     "budget": {"n": 40, "centers": "1,4,7,10,13,16,19,22,25,28", "window": 3, "method": "attribution",
                "heatmap_methods": "attribution,dla,attention", "n_random": 5, "n_failed_pool": 150,
-               "n_patch": 8, "patch_every": 6},
+               "n_patch": 8, "patch_every": 6, "random_sets": 0},
 }
 FULL_STUDY_MAX_LAYERS = 8
 
@@ -296,6 +296,21 @@ def parse_edges(text: str | None) -> list[tuple[str, str]] | None:
         else:
             raise ModalityCircuitsError(f"--edges: cannot parse {part!r}; write edges as src->dst, e.g. image->last.")
     return edges
+
+
+def with_random_controls(edges: Sequence[tuple[str, str]], k: int, like: str = "instruction"
+                         ) -> list[tuple[str, str]]:
+    """``edges`` plus, for every edge into or out of ``like``, the same edge with each of ``k`` random stand-ins
+    (``random0~instruction`` …)."""
+    from ..spans import random_group_name
+
+    if k < 0:
+        raise ModalityCircuitsError(f"--random-sets must be >= 0, got {k}.")
+    out = list(edges)
+    for j in range(k):
+        name = random_group_name(like, j)
+        out += [(name if a == like else a, name if b == like else b) for a, b in edges if like in (a, b)]
+    return out
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int] | None:

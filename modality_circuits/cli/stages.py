@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-from .run import HEAD_METHODS, Run, _csv_list, parse_edges, parse_layers, usable_for_lens
+from .run import HEAD_METHODS, Run, _csv_list, parse_edges, parse_layers, usable_for_lens, with_random_controls
 
 
 # ================================================================================================ stages
@@ -48,10 +48,12 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
     from ..sweeps.stability import subset_stability
 
     with run.stage("knockout") as info:
-        edges = parse_edges(args.edges) or list(DEFAULT_EDGES)
+        edges = with_random_controls(parse_edges(args.edges) or list(DEFAULT_EDGES),
+                                     getattr(args, "random_sets", None) or 0)
         df = knockout_sweep(model, conflict, edges=edges, centers=parse_layers(args.centers, model.cfg.n_layers),
                             window=args.window, window_mode=args.window_mode, batch_size=args.batch_size,
-                            first_token=args.first_token, metric=args.metric, progress=not run.quiet)
+                            first_token=args.first_token, metric=args.metric, progress=not run.quiet,
+                            seed=args.seed)
         run.csv(df, "knockout.csv")
         s = summarize(df, "delta", ["condition", "edge", "layer"])
         run.csv(s, "knockout_summary.csv")

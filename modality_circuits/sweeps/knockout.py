@@ -31,6 +31,7 @@ from ..interventions.core import check_layers, layer_window
 from ..interventions.knockout import Knockout
 from ..metrics import AnswerMetric, Metric, MetricLike, as_metric, iter_batches, relative_change
 from ..prompts import MLLMBatch
+from ..spans import with_random_groups
 
 if TYPE_CHECKING:
     from ..models.hooked_mllm import HookedMLLM
@@ -129,11 +130,13 @@ def _sweep_batch(model: HookedMLLM, batch: MLLMBatch, configs: list[dict], metri
 def knockout_sweep(model: HookedMLLM, samples: Sequence[Any], edges: Sequence[tuple[str, str]] = DEFAULT_EDGES,
                    centers: Sequence[int] | None = None, window: int = 1, window_mode: str = "centered",
                    batch_size: int = 16, metric: MetricLike = "p_binary", first_token: bool = False,
-                   max_configs: int = 64, progress: bool = True) -> pd.DataFrame:
+                   max_configs: int = 64, progress: bool = True, seed: int = 0) -> pd.DataFrame:
     """Run the knockout sweep; one row per (sample, edge, window centre).
 
     Args:
-        edges: ``(src, dst)`` group pairs; ``src ↛ dst`` blocks ``dst`` queries from ``src`` keys.
+        edges: ``(src, dst)`` group pairs; ``src ↛ dst`` blocks ``dst`` queries from ``src`` keys. A group named
+            ``random<k>~<group>`` is a random control set of the group's size (:mod:`modality_circuits.spans`),
+            e.g. ``("image", "random0~instruction")``; ``seed`` seeds those sets.
         centers: window centres (or starts, ``window_mode="start"``); default every layer.
         window / window_mode: ``k`` layers ``"centered"`` on the centre or ``"start"``-ing at it.
         metric: any :class:`~modality_circuits.metrics.Metric` or name (default: the binary following probability).
@@ -152,6 +155,8 @@ def knockout_sweep(model: HookedMLLM, samples: Sequence[Any], edges: Sequence[tu
     rows: list[dict] = []
     for _, batch in tqdm(list(iter_batches(model, samples, batch_size, progress=False)), desc="knockout sweep",
                          disable=not progress):
+        batch.spans = with_random_groups(batch.spans, [g for e in edges for g in e], [s.id for s in batch.samples],
+                                         seed)
         _check_groups(batch, edges)
         rows.extend(_sweep_batch(model, batch, configs, met, max_configs))
     return pd.DataFrame(rows)

@@ -3,6 +3,8 @@ deeper ones); an option given on the command line always wins, and the report st
 
 from __future__ import annotations
 
+import pytest
+
 from modality_circuits import cli
 from modality_circuits.cli.run import FULL_STUDY_MAX_LAYERS, STUDY_PROFILES, apply_study_profile
 from modality_circuits.report import _study_sizes
@@ -37,3 +39,17 @@ def test_the_report_states_the_sizes_used():
     apply_study_profile(a, 30)
     text = _study_sizes({"study_profile": "budget", "args": vars(a)})
     assert text.startswith("budget profile: n=40") and "window=3" in text and "centers=1,4,7" in text
+
+
+def test_random_controls_mirror_every_instruction_edge():
+    from modality_circuits.cli.run import with_random_controls
+    from modality_circuits.errors import ModalityCircuitsError
+
+    edges = [("image", "instruction"), ("instruction", "last"), ("image", "last")]
+    out = with_random_controls(edges, 2)
+    assert out[:3] == edges
+    assert out[3:] == [("image", "random0~instruction"), ("random0~instruction", "last"),
+                       ("image", "random1~instruction"), ("random1~instruction", "last")]
+    assert with_random_controls(edges, 0) == edges
+    with pytest.raises(ModalityCircuitsError, match="--random-sets"):
+        with_random_controls(edges, -1)

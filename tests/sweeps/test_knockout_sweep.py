@@ -129,6 +129,22 @@ def test_knockout_is_not_a_no_op(circuit_model, syn_samples):
     np.testing.assert_allclose(df["base"].to_numpy(), base.numpy(), atol=1e-6)
 
 
+def test_random_control_edge_equals_a_knockout_of_its_set(circuit_model, syn_samples):
+    """``random0~instruction`` is a same-size random set per sample; its knockout equals knocking out that set."""
+    from modality_circuits.spans import random_like
+
+    edges = [("image", "instruction"), ("image", "random0~instruction")]
+    df = knockout_sweep(circuit_model, syn_samples, edges=edges, centers=[1], batch_size=4, progress=False, seed=3)
+    assert set(df["edge"]) == {"image↛instruction", "image↛random0~instruction"}
+    b = circuit_model.prepare(syn_samples)
+    ids = [s.id for s in syn_samples]
+    spans = b.spans.with_group("r", random_like(b.spans, "instruction", ids, k=0, seed=3))
+    with knockout(circuit_model, spans, "image", "r", [1]):
+        direct = following_scores(circuit_model, b).p_binary
+    got = df[df["edge"] == "image↛random0~instruction"].set_index("sample_id").loc[ids, "value"].to_numpy()
+    np.testing.assert_allclose(got, direct.numpy(), atol=1e-5)
+
+
 def test_sweep_bad_input(circuit_model, syn_samples):
     with pytest.raises(SpanError, match=r"Edge image↛caption: the prompts have no group 'caption'\. "
                                         r"Available groups: \["):
