@@ -129,10 +129,9 @@ def _study_sizes(manifest: dict) -> str:
     a = manifest.get("args", {})
     keys = ("n", "n_general", "centers", "window", "method", "heatmap_methods", "n_random", "n_failed_pool", "n_patch",
             "patch_every", "random_sets")
-    sizes = ", ".join(f"{k}={a[k]}" for k in keys if a.get(k) is not None)
+    parts = [f"{k}={a[k]}" for k in keys if a.get(k) is not None]
     d = manifest.get("data", {}).get("distractors")
-    if d is not None:
-        sizes += f", distractors={d}"
+    sizes = ", ".join(parts + ([f"distractors={d}"] if d is not None else []))
     return f"{manifest.get('study_profile', '?')} profile: {sizes}" if sizes else "?"
 
 
