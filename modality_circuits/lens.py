@@ -61,13 +61,26 @@ def direct_effect(parts: Float[Tensor, "... batch d_model"], direction: Float[Te
     return ((parts / scale) * direction).sum(-1)
 
 
+def _lens_after_components(model: HookedMLLM, cache: Any, f: Tensor, c: Tensor
+                           ) -> Float[Tensor, "component batch 2"]:
+    """Logit lens at the last position after each component (``embed, 0_attn_out, 0_mlp_out, …``): the first-token
+    logits of the following and competitor answers read from the running residual with the final norm."""
+    acc = cache.accumulated_resid(layer=None, incl_mid=True, pos_slice=-1)  # [0_pre, 0_mid, 1_pre, …, final_post]
+    x = model.ln_final(acc)  # [component, batch, d_model]: a fresh norm scale per read-out (the logit lens)
+    lf = torch.einsum("kbd,db->kb", x, model.W_U[:, f]) + model.b_U[f]  # [component, batch]
+    lc = torch.einsum("kbd,db->kb", x, model.W_U[:, c]) + model.b_U[c]
+    return torch.stack([lf, lc], -1)
+
+
 @torch.no_grad()
-def last_position_contributions(model: HookedMLLM, batch: MLLMBatch
-                                ) -> tuple[Float[Tensor, "component batch"], list[str], Tensor]:
+def last_position_contributions(model: HookedMLLM, batch: MLLMBatch, with_lens: bool = False
+                                ) -> tuple[Float[Tensor, "component batch"], list[str], Tensor] | tuple[
+                                    Float[Tensor, "component batch"], list[str], Tensor, Tensor]:
     """Per-component direct contributions to the first-token logit difference at the last position.
 
     Returns ``(contributions [component, batch], labels, final logit difference [batch])`` with labels
-    ``embed, 0_attn_out, 0_mlp_out, …``.
+    ``embed, 0_attn_out, 0_mlp_out, …``; ``with_lens`` adds ``[component, batch, 2]``: the logit lens (following,
+    competitor first-token logits) at the last position after each component, from the same forward.
     """
     f, c = _answer_dirs(model, batch.samples)
     logits, cache = model.run_with_cache(batch)
@@ -76,6 +89,12 @@ def last_position_contributions(model: HookedMLLM, batch: MLLMBatch
     scale = cache["ln_final.hook_scale"][:, -1]  # [batch, 1]
     contrib = direct_effect(stack, answer_direction(model, batch.samples), scale)  # [component, batch]
     final = logits[:, -1].gather(1, f[:, None])[:, 0] - logits[:, -1].gather(1, c[:, None])[:, 0]
+    if with_lens:
+        lens = _lens_after_components(model, cache, f, c)
+        if lens.shape[0] != len(labels):  # e.g. a learned positional embedding adds a component without a read-out
+            raise AnswerError(f"The logit lens has {lens.shape[0]} read-outs for {len(labels)} components "
+                              f"({labels[:3]} …); it needs embed + attention and MLP per layer.")
+        return contrib, list(labels), final, lens
     return contrib, list(labels), final
 
 
@@ -84,11 +103,13 @@ def contributions(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 3
     """Tidy table: one row per (sample, component) with ``layer``, ``kind`` (embed/attn/mlp), ``contribution``.
 
     ``followed`` marks samples the model answers with the instructed modality (closed form), so the figure can
-    split successful from failed samples.
+    split successful from failed samples. ``lens_follow`` / ``lens_comp``: the logit lens at the last position
+    right after the component (the following and competitor answers' first-token logits read from the residual
+    stream so far, with the final norm), which shows at which stage a failed sample's decision goes wrong.
     """
     rows = []
     for chunk, batch in iter_batches(model, samples, batch_size, desc="contributions", progress=progress):
-        contrib, labels, final = last_position_contributions(model, batch)
+        contrib, labels, final, lens = last_position_contributions(model, batch, with_lens=True)
         followed = following_scores(model, batch).followed
         for j, lab in enumerate(labels):
             kind = "embed" if lab == "embed" else ("attn" if "attn" in lab else "mlp")
@@ -96,7 +117,8 @@ def contributions(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 3
             for i, s in enumerate(chunk):
                 rows.append({"sample_id": s.id, "condition": s.follow, "task": s.task,
                              "followed": bool(followed[i]), "component": lab, "kind": kind, "layer": layer,
-                             "contribution": float(contrib[j, i]), "final_logit_diff": float(final[i])})
+                             "contribution": float(contrib[j, i]), "final_logit_diff": float(final[i]),
+                             "lens_follow": float(lens[j, i, 0]), "lens_comp": float(lens[j, i, 1])})
     return pd.DataFrame(rows)
 
 

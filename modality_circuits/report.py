@@ -227,7 +227,11 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, png: bo
             st)
     co = _read_csv(d, "contributions.csv")
     section("contributions", "Attention vs MLP contributions", ["contributions.csv"],
-            lambda df: page.figure(viz.contribution_bars(df), "contributions"), co)
+            lambda df: page.figure(viz.contribution_bars(df), "contributions") + (
+                "<p class='note'>Failure stages: at which layer a failed sample's last position leans to the wrong "
+                "answer (logit lens after each layer) — read with the attention vs MLP contributions above.</p>"
+                + page.figure(viz.failure_stage_lines(df), "failure-stages") if "lens_follow" in df.columns
+                else ""), co)
     an = _read_csv(d, "anchors.csv")
     section("anchors", "Anchor read-out (logit lens)", ["anchors.csv"], lambda df: (
         "<p class='note'>Latent Decision Alignment Rate (LDAR): per layer, the share of samples whose logit-lens "

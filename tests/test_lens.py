@@ -39,6 +39,31 @@ def test_contributions_sum_to_the_final_logit_difference(circuit_model, syn_samp
     assert df.groupby("sample_id", sort=False)["followed"].first().tolist() == followed
 
 
+def test_lens_after_each_component(circuit_model, syn_samples):
+    """The failure-stage read-out: after the last component it is the model's own logits; after a layer's
+    attention / MLP it is the logit lens of resid_mid / resid_post there, computed by hand."""
+    model = circuit_model
+    b = model.prepare(syn_samples)
+    _, labels, _, lens = last_position_contributions(model, b, with_lens=True)
+    assert lens.shape == (len(labels), len(syn_samples), 2)
+    f = torch.tensor([tokenize_answer(model.tokenizer, s.following_answer)[0] for s in syn_samples])
+    c = torch.tensor([tokenize_answer(model.tokenizer, s.competitor_answer)[0] for s in syn_samples])
+    rows = torch.arange(len(syn_samples))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(b)
+    torch.testing.assert_close(lens[-1, :, 0], logits[rows, -1, f], atol=1e-4, rtol=0)
+    torch.testing.assert_close(lens[-1, :, 1], logits[rows, -1, c], atol=1e-4, rtol=0)
+    for layer, hook, k in ((0, "hook_resid_mid", labels.index("0_attn_out")),
+                           (1, "hook_resid_post", labels.index("1_mlp_out"))):
+        with torch.no_grad():
+            by_hand = model.unembed(model.ln_final(cache[f"blocks.{layer}.{hook}"][:, -1:]))[:, 0]
+        torch.testing.assert_close(lens[k, :, 0], by_hand[rows, f], atol=1e-4, rtol=0)
+    df = contributions(model, syn_samples, batch_size=4, progress=False)
+    assert {"lens_follow", "lens_comp"} <= set(df.columns)
+    last = df[df["component"] == labels[-1]].set_index("sample_id").loc[[s.id for s in syn_samples]]
+    np.testing.assert_allclose(last["lens_follow"] - last["lens_comp"], last["final_logit_diff"], atol=1e-4)
+
+
 def test_anchor_readout(circuit_model, syn_samples):
     model = circuit_model
     df = anchor_readout(model, syn_samples, batch_size=4, progress=False)

@@ -17,6 +17,7 @@ from .figures import (
     CONDITION_LABELS,
     anchor_lines,
     contribution_bars,
+    failure_stage_lines,
     head_heatmaps,
     knockout_curves,
     path_effect_lines,
@@ -26,6 +27,7 @@ from .figures import (
 from .image_attention import ImageAttention, image_attention, image_attention_figure, image_attention_maps
 
 __all__ = ["CONDITION_LABELS", "ImageAttention", "anchor_lines", "attention_heads_html", "attention_view_props",
-           "circuitsvis_bundle", "contribution_bars", "head_heatmaps", "image_attention", "image_attention_figure",
+           "circuitsvis_bundle", "contribution_bars", "failure_stage_lines", "head_heatmaps", "image_attention",
+           "image_attention_figure",
            "image_attention_maps", "knockout_curves", "path_effect_lines", "png_export_available",
            "results_table_html", "save_png", "show_attention_heads", "stability_lines"]

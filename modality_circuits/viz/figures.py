@@ -6,6 +6,7 @@
 * :func:`stability_lines` — data-ratio stability: each nested subset's knockout curve against the full one.
 * :func:`contribution_bars` — per layer, the mean direct contribution of attention vs MLP outputs to the
   following-minus-competitor logit difference, for successful and failed samples, per condition.
+* :func:`failure_stage_lines` — logit lens at the last position per layer, successful vs failed samples.
 * :func:`anchor_lines` — the latent decision alignment rate (LDAR) per layer, one line per token group.
 * :func:`head_heatmaps` — layer × head score matrices, one panel per scoring method.
 * :func:`results_table_html` — the blocking/amplification results table with random-head controls.
@@ -175,6 +176,41 @@ def contribution_bars(df: pd.DataFrame, conditions: Sequence[str] | None = None,
     for ci in (1, 2):
         fig.update_xaxes(title_text="layer", dtick=1, row=len(conds), col=ci)
     fig.update_layout(title=title, barmode="group", height=300 * len(conds) + 120, template="plotly_white")
+    return fig
+
+
+def failure_stage_lines(df: pd.DataFrame, conditions: Sequence[str] | None = None,
+                        title: str = "Failure stages: logit lens at the last position, successful vs failed samples"
+                        ) -> go.Figure:
+    """Per layer (after its MLP), the mean logit-lens logit of the following (solid) and competitor (dashed)
+    answer at the last position, for successful and failed samples, one panel per condition, bootstrap 95% CI.
+
+    ``df`` is :func:`~modality_circuits.lens.contributions`' table (columns ``lens_follow``, ``lens_comp``).
+    """
+    if df.empty or "lens_follow" not in df.columns:
+        return _empty(title, "no logit-lens columns (rerun contributions)")
+    d = df[df["kind"] == "mlp"]
+    conds = _conditions(d, conditions)
+    fig = make_subplots(rows=1, cols=len(conds), shared_yaxes=True, subplot_titles=[_label(c) for c in conds],
+                        horizontal_spacing=0.06)
+    for ci, cond in enumerate(conds, start=1):
+        for oi, (ok, name) in enumerate(((True, "successful"), (False, "failed"))):
+            sub = d[(d["condition"] == cond) & (d["followed"] == ok)]
+            if sub.empty:
+                continue
+            n = sub["sample_id"].nunique()
+            for col, dash, answer in (("lens_follow", None, "following"), ("lens_comp", "dash", "competitor")):
+                s = summarize(sub, col, ["layer"]).sort_values("layer")
+                fig.add_trace(go.Scatter(
+                    x=s["layer"], y=s["mean"], mode="lines", name=f"{name}: {answer} answer",
+                    legendgroup=f"{name}{answer}", showlegend=ci == 1,
+                    line=dict(color=PALETTE[oi], dash=dash),
+                    error_y=dict(type="data", symmetric=False, array=s["ci_high"] - s["mean"],
+                                 arrayminus=s["mean"] - s["ci_low"], thickness=1, width=2),
+                    hovertemplate=f"{name} (n={n}), {answer}: layer %{{x}}: %{{y:.2f}}"), row=1, col=ci)
+        fig.update_xaxes(title_text="layer (after its MLP)", row=1, col=ci)
+    fig.update_yaxes(title_text="logit-lens logit (first answer token)", row=1, col=1)
+    fig.update_layout(title=title, height=420, template="plotly_white")
     return fig
 
 
