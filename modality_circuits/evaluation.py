@@ -42,10 +42,38 @@ def summarize_accuracy(df: pd.DataFrame) -> dict:
     return out
 
 
-def evaluate_samples(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 32, progress: bool = True
-                     ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+def vision_ratio(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 32, progress: bool = True) -> dict:
+    """MC²'s **vision ratio** without any modality instruction: the conflict samples with their instruction removed,
+    the share of image answers among image-or-text answers.
+
+    Returns ``{"closed", "closed_ci", "open", "open_image", "open_text", "open_other", "n"}``: closed form, the share
+    of samples whose image answer out-scores the text answer (with its bootstrap 95% interval); open form, greedy
+    generations matched against both answers, ``open = image / (image + text)`` (answers matching neither are
+    counted in ``open_other`` and left out of the ratio, as MC² does). ``{}`` without conflict samples.
+    """
+    import dataclasses
+
+    from .stats import bootstrap_ci
+
+    bare = [dataclasses.replace(s, instruction=None, follow="image", id=f"noinstr-{s.id}")
+            for s in samples if s.kind == "conflict"]
+    if not bare:
+        return {}
+    image_first = score_dataset(model, bare, batch_size=batch_size, progress=progress).followed.float().numpy()
+    gen = generations(model, bare, batch_size=batch_size, progress=progress)
+    n_img, n_txt = int((gen["outcome"] == "follow").sum()), int((gen["outcome"] == "competitor").sum())
+    lo, hi = bootstrap_ci(image_first)
+    return {"closed": round(float(image_first.mean()), 4), "closed_ci": [round(lo, 4), round(hi, 4)],
+            "open": round(n_img / (n_img + n_txt), 4) if n_img + n_txt else None, "open_image": n_img,
+            "open_text": n_txt, "open_other": int(len(gen) - n_img - n_txt), "n": len(bare)}
+
+
+def evaluate_samples(model: HookedMLLM, samples: Sequence[Any], batch_size: int = 32, progress: bool = True,
+                     no_instruction: bool = True) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """``(summary, per-sample scores, generations)`` of a sample set; the summary adds the open form
-    (``{"mfr", "competitor", "other", "n"}``) to each conflict condition."""
+    (``{"mfr", "competitor", "other", "n"}``) to each conflict condition and, with ``no_instruction``, the
+    vision ratio of the conflict samples without their instruction (:func:`vision_ratio`, key
+    ``"no_instruction"``)."""
     samples = list(samples)
     scores = score_dataset(model, samples, batch_size=batch_size, progress=progress).to_frame(samples)
     ev = summarize_accuracy(scores)
@@ -58,6 +86,8 @@ def evaluate_samples(model: HookedMLLM, samples: Sequence[Any], batch_size: int 
             ev[f"conflict_follow_{cond}"]["open_form"] = {
                 k: round(float((g["outcome"] == o).mean()), 4) for k, o in
                 (("mfr", "follow"), ("competitor", "competitor"), ("other", "other"))} | {"n": int(len(g))}
+    if no_instruction and conflict:
+        ev["no_instruction"] = vision_ratio(model, conflict, batch_size, progress)
     return ev, scores, gen
 
 

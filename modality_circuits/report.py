@@ -161,6 +161,13 @@ def _summary_section(manifest: dict | None, evaluation: dict | None) -> str:
             rows.append(f"<tr><td>{label}</td><td class='num'>{100 * v['accuracy']:.1f}%</td>"
                         f"<td class='num'>{v.get('failures', '?')}</td><td class='num'>{open_txt}</td>"
                         f"<td class='num'>{n}</td></tr>")
+        vr = evaluation.get("no_instruction") or {}
+        if vr:
+            open_vr = f"{100 * vr['open']:.1f}%" if vr.get("open") is not None else "–"
+            rows.append(f"<tr><td>no instruction: vision ratio (image answers among image or text answers)</td>"
+                        f"<td class='num'>{100 * vr['closed']:.1f}%</td><td class='num'>–</td>"
+                        f"<td class='num'>{open_vr} ({vr['open_image']} image / {vr['open_text']} text / "
+                        f"{vr['open_other']} other)</td><td class='num'>{vr['n']}</td></tr>")
         parts.append("<p class='note'>Modality-following ratio (MFR). Closed form: the instructed modality's answer "
                      "out-scores the other's; open form: the greedy generation matches the instructed answer / the "
                      "other modality's answer / neither. General-ability accuracies below.</p>"

@@ -38,8 +38,13 @@ def stage_evaluate(run: Run, model: HookedMLLM, conflict: list, general: list, a
 def accuracy_line(ev: dict) -> str:
     from ..data.sample import CONDITION_LABELS as names
 
-    return "; ".join(f"{names.get(k, k)} {v['accuracy']:.3f} ({v['failures']} failed of "
+    line = "; ".join(f"{names.get(k, k)} {v['accuracy']:.3f} ({v['failures']} failed of "
                      f"{v.get('n', '?')})" for k, v in ev.items() if isinstance(v, dict) and "accuracy" in v)
+    vr = ev.get("no_instruction") or {}
+    if vr:
+        line += f"; no instruction: vision ratio {vr['closed']:.3f} closed / " + (
+            f"{vr['open']:.3f} open" if vr.get("open") is not None else "– open")
+    return line
 
 
 def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
