@@ -13,6 +13,7 @@ file is optional and a missing one leaves its section with a note:
 ``evaluate.json``           MFR per condition and general-ability accuracies (with failure counts)
 ``knockout.csv``            :func:`~modality_circuits.sweeps.knockout.knockout_sweep`'s tidy table
 ``knockout_stability.csv``  :func:`~modality_circuits.sweeps.stability.subset_stability` of it
+``knockout_variants.csv``   the instruction/constraint edges on reordered prompts (column ``variant``)
 ``contributions.csv``       :func:`~modality_circuits.lens.contributions`'s tidy table
 ``anchors.csv``             :func:`~modality_circuits.lens.anchor_readout`'s table
 ``head_scores.csv``         :func:`~modality_circuits.sweeps.heads.head_scores` tables (column ``method``)
@@ -128,7 +129,7 @@ def _study_sizes(manifest: dict) -> str:
     """The profile and the sample counts / layer windows the run used (what the report's numbers rest on)."""
     a = manifest.get("args", {})
     keys = ("n", "n_general", "centers", "window", "method", "heatmap_methods", "n_random", "n_failed_pool", "n_patch",
-            "patch_every", "random_sets")
+            "patch_every", "random_sets", "variants")
     parts = [f"{k}={a[k]}" for k in keys if a.get(k) is not None]
     d = manifest.get("data", {}).get("distractors")
     sizes = ", ".join(parts + ([f"distractors={d}"] if d is not None else []))
@@ -225,6 +226,18 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, png: bo
                                               value="p_outside_change", ylabel="change (percentage points)",
                                               title="Attention knockout: change of the probability outside both "
                                                     "answers"), "knockout-outside")), ko)
+    kv = _read_csv(d, "knockout_variants.csv")
+    if kv is not None:
+        section("knockout-variants", "Position control: the same knockouts on reordered prompts",
+                ["knockout_variants.csv"], lambda df: (
+                    "<p class='note'>Edges into and out of the instruction and the format sentence, rerun with the "
+                    "instruction after the question, instruction and format sentence swapped, and a filler sentence "
+                    "inserted after the instruction. If the instruction's effect follows its <em>meaning</em>, its "
+                    "curves keep their shape wherever it sits; if it follows its <em>position</em>, they move to the "
+                    "segment that now sits there.</p>"
+                    + page.figure(viz.knockout_curves(df.assign(edge=df["edge"] + " · " + df["variant"]),
+                                                      title="Attention knockout per prompt layout"),
+                                  "knockout-variants")), kv)
     st = _read_csv(d, "knockout_stability.csv")
     section("knockout-stability", "Data-ratio stability of the knockout curves", ["knockout_stability.csv"],
             lambda df: (

@@ -53,10 +53,11 @@ def resolve_model(spec: str | Path | None) -> Path:
 STUDY_PROFILES: dict[str, dict[str, Any]] = {
     "full": {"n": 200, "centers": None, "window": 1, "method": "ablation",
              "heatmap_methods": "ablation,attribution,dla,attention", "n_random": 10, "n_failed_pool": 1000,
-             "n_patch": 16, "patch_every": 1, "random_sets": 2},
+             "n_patch": 16, "patch_every": 1, "random_sets": 2,
+             "variants": "instruction_after_question,swap_instruction_constraint,filler_after_instruction"},
     "budget": {"n": 40, "centers": "1,4,7,10,13,16,19,22,25,28", "window": 3, "method": "attribution",
                "heatmap_methods": "attribution,dla,attention", "n_random": 5, "n_failed_pool": 150,
-               "n_patch": 8, "patch_every": 6, "random_sets": 0},
+               "n_patch": 8, "patch_every": 6, "random_sets": 0, "variants": "none"},
 }
 FULL_STUDY_MAX_LAYERS = 8
 

@@ -47,6 +47,33 @@ def accuracy_line(ev: dict) -> str:
     return line
 
 
+def variant_knockouts(model: HookedMLLM, conflict: list, edges: list, variants: list[str], args: argparse.Namespace,
+                      progress: bool, original: Any) -> Any:
+    """The position control: the edges that touch the instruction or the constraint, rerun on each prompt variant
+    (:mod:`modality_circuits.data.variants`); one table with a ``variant`` column, the original rows included."""
+    import pandas as pd
+
+    from ..data.variants import VARIANTS, apply_variant
+    from ..errors import ModalityCircuitsError
+    from ..sweeps.knockout import knockout_sweep
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ModalityCircuitsError(f"--variants: unknown variant(s) {unknown}; choose from "
+                                    f"{sorted(set(VARIANTS) - {'original'})} or 'none'.")
+    touched = [e for e in edges if {"instruction", "constraint"} & set(e)]
+    names = {f"{a}↛{b}" for a, b in touched}
+    parts = [original[original["edge"].isin(names)].assign(variant="original")]
+    usable = [s for s in conflict if s.instruction and s.constraint]
+    for v in variants:
+        d = knockout_sweep(model, apply_variant(usable, v), edges=touched,
+                           centers=parse_layers(args.centers, model.cfg.n_layers), window=args.window,
+                           window_mode=args.window_mode, batch_size=args.batch_size, first_token=args.first_token,
+                           metric=args.metric, progress=progress, seed=args.seed)
+        parts.append(d.assign(variant=v))
+    return pd.concat(parts, ignore_index=True)
+
+
 def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
     from ..stats import summarize
     from ..sweeps.knockout import DEFAULT_EDGES, knockout_sweep
@@ -67,6 +94,11 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
             r = g.loc[g["mean"].idxmin()]
             worst[cond] = {"edge": r["edge"], "layer": int(r["layer"]), "mean_delta": round(float(r["mean"]), 4)}
         run.results["knockout"] = {"n_rows": len(df), "edges": [f"{a}↛{b}" for a, b in edges], "largest_drop": worst}
+        variants = [v for v in _csv_list(getattr(args, "variants", None) or "") if v not in ("none", "original")]
+        if variants:
+            vdf = variant_knockouts(model, conflict, edges, variants, args, progress=not run.quiet, original=df)
+            run.csv(vdf, "knockout_variants.csv")
+            run.results["knockout"]["variants"] = sorted(set(vdf["variant"]))
         st = subset_stability(df, seed=args.seed)  # data-ratio control: no forward passes
         run.csv(st, "knockout_stability.csv")
         run.results["knockout"]["stability_median_r"] = {

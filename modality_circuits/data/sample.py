@@ -53,6 +53,8 @@ class Sample:
         task: e.g. ``color``, ``shape``, ``count``, ``position``.
         kind: ``conflict`` | ``consistent`` | ``image_probe`` | ``text_probe``.
         answer_img_candidates / answer_text_candidates: accepted synonyms for open-form matching.
+        variant: a :class:`~modality_circuits.data.variants.PromptVariant` (segments reordered or inserted);
+            None keeps the benchmark's order.
     """
 
     image: Any
@@ -69,9 +71,10 @@ class Sample:
     answer_text_candidates: list[str] = field(default_factory=list)
     id: str = ""
     meta: dict = field(default_factory=dict)
+    variant: Any = None  # a data.variants.PromptVariant: the segments' layout (None: the benchmark's order)
 
     def segments(self) -> list[Segment]:
-        """Named prompt segments in the benchmark's order (missing parts are left out)."""
+        """Named prompt segments in the benchmark's order (missing parts are left out), or in ``variant``'s layout."""
         segs: list[Segment] = []
         if self.image is not None:
             segs.append(Segment("image", image=self.image))
@@ -82,7 +85,7 @@ class Sample:
         segs.append(Segment("question", self.question))
         if self.constraint:
             segs.append(Segment("constraint", self.constraint))
-        return segs
+        return self.variant.apply(segs) if self.variant is not None else segs
 
     @property
     def following_answer(self) -> str:
