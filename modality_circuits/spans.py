@@ -10,13 +10,14 @@ Standard group names: ``image`` (all image tokens; ``image.0``, ``image.1`` … 
 
 **Random control groups** (the "is the instruction special, or any tokens?" control). A group named
 ``random<k>~<like>`` (e.g. ``random0~instruction``; :func:`random_group_name`) holds, in every row, as many positions
-as ``like`` has there, drawn uniformly without replacement from the user-turn text groups (:data:`RANDOM_POOL`)
-outside ``like``; draw ``k`` of a sample is seeded by ``(seed, k, the sample's id)``, so it does not depend on how
+as ``like`` has there (the whole pool where it is smaller, with a warning), drawn uniformly without replacement
+from the user-turn text groups (:data:`RANDOM_POOL`) outside ``like``; draw ``k`` of a sample is seeded by ``(seed, k, the sample's id)``, so it does not depend on how
 samples are batched. :func:`with_random_groups` adds the groups a list of names asks for.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import zlib
 from collections.abc import Iterable, Sequence
@@ -28,6 +29,8 @@ from torch import Tensor
 
 from ._types import Bool, Int
 from .errors import SpanError
+
+logger = logging.getLogger(__name__)
 
 #: Names every analysis knows about; any other segment name is a user-named group.
 STANDARD_GROUPS = ("image", "context", "instruction", "question", "constraint", "system", "last")
@@ -202,8 +205,11 @@ def random_like(spans: Spans, like: str, sample_ids: Sequence[str], k: int = 0, 
                 pool: Sequence[str] = RANDOM_POOL) -> Bool[Tensor, "batch pos"]:
     """Per row, ``|like|`` positions drawn from ``pool`` groups outside ``like`` (seeded by seed, k, sample id).
 
+    A row whose pool has fewer positions than ``like`` gets the whole pool (a smaller set), with a warning that
+    names the samples: a short prompt cannot hold a same-size random set.
+
     Raises:
-        SpanError: ``like`` is not a group of the batch, or a row's pool has fewer positions than ``like``.
+        SpanError: ``like`` is not a group of the batch, or the ids do not match the rows.
     """
     if like not in spans:
         raise SpanError(f"Random control group: the prompts have no group {like!r} to mimic. "
@@ -214,14 +220,18 @@ def random_like(spans: Spans, like: str, sample_ids: Sequence[str], k: int = 0, 
     groups = [g for g in pool if g != like and g in spans]
     source = (spans.mask(groups, allow_empty=True) if groups else torch.zeros_like(target)) & ~target
     out = torch.zeros_like(target)
+    short = []
     for i, sid in enumerate(sample_ids):
         n = int(target[i].sum())
         cand = source[i].nonzero().flatten()
         if n > len(cand):
-            raise SpanError(f"Sample {sid!r}: a random stand-in for {like!r} needs {n} positions, but the pool "
-                            f"({', '.join(groups) or 'nothing'}) has only {len(cand)} outside it.")
+            short.append(f"{sid} ({len(cand)} of {n})")
+            n = len(cand)
         rng = np.random.default_rng([seed, k, zlib.crc32(str(sid).encode())])
         out[i, cand[torch.as_tensor(rng.choice(len(cand), n, replace=False), dtype=torch.long)]] = True
+    if short:
+        logger.warning("random stand-in for %r: the pool (%s) is smaller than the group in %d sample(s); they get "
+                       "the whole pool: %s", like, ", ".join(groups) or "nothing", len(short), ", ".join(short[:5]))
     return out
 
 

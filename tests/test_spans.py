@@ -63,5 +63,12 @@ def test_errors_name_the_problem() -> None:
         random_like(sp, "caption", ["a", "b"])
     with pytest.raises(SpanError, match="one sample id per row"):
         random_like(sp, "instruction", ["a"])
-    with pytest.raises(SpanError, match="needs 3 positions, but the pool .* has only 1"):
-        random_like(sp, "instruction", ["a", "b"], pool=("constraint",))
+
+
+
+def test_a_pool_smaller_than_the_group_gives_the_whole_pool_with_a_warning(caplog) -> None:
+    sp = _spans()
+    with caplog.at_level("WARNING", logger="modality_circuits.spans"):
+        r = random_like(sp, "instruction", ["a", "b"], pool=("constraint",))
+    assert torch.equal(r, sp.mask("constraint"))
+    assert "smaller than the group in 2 sample(s)" in caplog.text and "a (1 of 3)" in caplog.text
