@@ -72,6 +72,15 @@ def _heldout(s: dict) -> str:
     return f"; on 1000 held-out images {h}" if h else ""
 
 
+def _no_instruction(m: dict) -> str:
+    vr = m.get("no_instruction") or {}
+    if not vr:
+        return ""
+    return (f"\nWithout the modality instruction (conflict samples above, instruction removed; MC²'s vision ratio): "
+            f"image answer preferred in {vr['closed']} of {vr['n']} (closed form); open form {vr.get('open')} "
+            f"({vr['open_image']} image / {vr['open_text']} text / {vr['open_other']} other answers).\n")
+
+
 def targets(side: dict) -> list[tuple[str, str, Any, bool]]:
     """The model's quality targets (issue 14) against what was measured: ``(target, required, measured, met)``."""
     m, s = side.get("metrics", {}), side["training"]
@@ -148,7 +157,7 @@ sentence(s) per text context (`modality-circuits evaluate`).
 {_row(m, 'consistent')}
 {_row(m, 'image_probe')}
 {_row(m, 'text_probe')}
-
+{_no_instruction(m)}
 ## Targets
 
 | target | required | measured | met |
