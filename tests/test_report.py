@@ -67,8 +67,8 @@ def test_report_is_self_contained(results: Path) -> None:
     assert html.count(plotly.offline.get_plotlyjs()[:300]) == 1, "plotly.js must be inlined exactly once"
     assert html.count(viz.circuitsvis_bundle()[:300]) == 1, "the circuitsvis bundle must be inlined exactly once"
     assert "</script>" not in viz.circuitsvis_bundle()
-    for section in ("summary", "knockout", "contributions", "anchors", "heads", "blocking", "attention",
-                    "image-attention", "manifest"):
+    for section in ("summary", "knockout", "knockout-unconstrained", "knockout-variants", "knockout-stability",
+                    "contributions", "anchors", "heads", "blocking", "attention", "image-attention", "manifest"):
         assert f"<section id='{section}'>" in html, section
     assert html.count("CircuitsVis.render(") == 2  # one view per condition
     assert "Heads selected on 4 conflict samples; evaluated on 4 disjoint samples." in html
@@ -78,7 +78,7 @@ def test_report_is_self_contained(results: Path) -> None:
 def test_missing_files_leave_notes(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"model": {"path": "m"}, "timings": {"load": 1.0}}))
     html = build_report(tmp_path, png=False).read_text()
-    assert html.count("Not computed in this run") == 9  # every analysis section, patching included
+    assert html.count("Not computed in this run") == 10  # every analysis section, patching and stability included
     assert "CircuitsVis" not in html.split("</head>")[0]  # no views: the bundle is left out
 
 
@@ -121,7 +121,10 @@ def test_report_renders_in_chromium(results: Path, tmp_path: Path) -> None:
     assert m.group(1) == "0", f"JavaScript errors: {m.group(2)}"
     assert not console_errors(p.stderr), console_errors(p.stderr)
     fig_ids = re.findall(r'<div id="(fig-[\w-]+)"', src)
-    assert len(fig_ids) == 7, fig_ids  # knockout, contributions, anchors, head scores, 2 patching, image attention
+    # knockout (+ unconstrained, outside both answers, prompt variants, data-ratio stability), contributions,
+    # failure stages, anchors, head scores, 2 patching, image attention
+    assert len(fig_ids) == 12, fig_ids
+    assert {"fig-knockout-variants", "fig-knockout-stability", "fig-failure-stages"} <= set(fig_ids)
     for fid in fig_ids:
         i = dom.find(f'id="{fid}"')
         assert i >= 0, fid
