@@ -216,7 +216,15 @@ def test_reproduce_writes_everything(reproduce_runs: tuple[Path, Path], toy_dir:
     assert list(ko.columns)[:13] == ["sample_id", "condition", "task", "kind", "edge", "src", "dst", "layer",
                                      "layers", "metric", "base", "value", "delta"]
     assert set(ko["metric"]) == {"p_binary"}
-    assert len(ko) == 8 * 9 * 2  # samples × default edges × layers
+    # samples × (default edges + 2 random stand-in sets × the 3 default edges touching the instruction) × layers
+    assert len(ko) == 8 * (9 + 2 * 3) * 2
+    assert {"image↛random0~instruction", "random1~instruction↛last"} <= set(ko["edge"])
+    kv = pd.read_csv(out / "knockout_variants.csv")  # the full profile reruns the 5 touched edges on 3 layouts
+    assert set(kv["variant"]) == {"original", "instruction_after_question", "swap_instruction_constraint",
+                                  "filler_after_instruction"}
+    assert len(kv) == 8 * 5 * 2 * 4
+    st = pd.read_csv(out / "knockout_stability.csv")
+    assert set(st["fraction"]) == {0.2, 0.4, 0.6, 0.8, 1.0}
     hs = pd.read_csv(out / "head_scores.csv")
     assert set(hs["method"]) == {"ablation", "dla", "attention"}
     sel = json.loads((out / "heads_selection.json").read_text())

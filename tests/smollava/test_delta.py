@@ -163,3 +163,13 @@ def test_shipped_delta_has_its_sidecar_and_fits_the_size_budget():
     tensors, meta, _ = D.read_delta(path)  # sha256 checked
     assert meta["format"] == D.FORMAT and Path(side["file"]).name == path.name
     assert side["metrics"]["n_per_condition"] >= 200
+
+
+def test_training_defaults_are_the_shipped_deltas_config():
+    """``train-smollava`` with its defaults re-creates the shipped model: the config recorded in the shipped delta
+    is the default one (options such as --vision-pool mean stay opt-in until a run meets the targets)."""
+    from safetensors import safe_open
+
+    with safe_open(str(D.shipped_delta()), "pt") as f:
+        recorded = SmolTrainConfig.from_dict(json.loads(f.metadata()["train_config"]))
+    assert recorded == SmolTrainConfig()
