@@ -107,6 +107,29 @@ def knockout_curves(df: pd.DataFrame, value: str = "delta", edges: Sequence[str]
     return fig
 
 
+def _line_panels(df: pd.DataFrame, series: str, x: str, y: str, conds: Sequence[str],
+                 error: tuple[str, str] | None = None, **scatter: Any) -> go.Figure:
+    """One panel per condition, one line per value of ``series`` (colours shared across panels), ``y`` against
+    ``x``; ``error``: the (low, high) columns of an interval drawn as error bars where the table has them."""
+    fig = make_subplots(rows=1, cols=len(conds), shared_yaxes=True, subplot_titles=[_label(c) for c in conds],
+                        horizontal_spacing=0.06)
+    names = list(dict.fromkeys(df[series]))
+    for ci, cond in enumerate(conds, start=1):
+        for si, name in enumerate(names):
+            d = df[(df["condition"] == cond) & (df[series] == name)].sort_values(x)
+            if d.empty:
+                continue
+            err = None
+            if error is not None and error[0] in d.columns:
+                err = dict(type="data", symmetric=False, array=d[error[1]] - d[y], arrayminus=d[y] - d[error[0]],
+                           thickness=1)
+            extra = {k: (d[v] if k == "customdata" else v) for k, v in scatter.items()}
+            fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="lines+markers", name=name, legendgroup=name,
+                                     showlegend=ci == 1, line=dict(color=PALETTE[si % len(PALETTE)]), error_y=err,
+                                     **extra), row=1, col=ci)
+    return fig
+
+
 def stability_lines(df: pd.DataFrame, conditions: Sequence[str] | None = None,
                     title: str = "Data-ratio stability: correlation of each subset's knockout curve with the full one"
                     ) -> go.Figure:
@@ -114,21 +137,9 @@ def stability_lines(df: pd.DataFrame, conditions: Sequence[str] | None = None,
     per condition (:func:`~modality_circuits.sweeps.stability.subset_stability`'s table)."""
     if df.empty:
         return _empty(title, "no stability results")
-    conds = _conditions(df, conditions)
-    edges = list(dict.fromkeys(df["edge"]))
-    fig = make_subplots(rows=1, cols=len(conds), shared_yaxes=True, subplot_titles=[_label(c) for c in conds],
-                        horizontal_spacing=0.06)
-    for ci, cond in enumerate(conds, start=1):
-        for ei, edge in enumerate(edges):
-            d = df[(df["condition"] == cond) & (df["edge"] == edge)].sort_values("fraction")
-            if d.empty:
-                continue
-            fig.add_trace(go.Scatter(x=d["fraction"], y=d["pearson_r"], mode="lines+markers", name=edge,
-                                     legendgroup=edge, showlegend=ci == 1,
-                                     line=dict(color=PALETTE[ei % len(PALETTE)]),
-                                     customdata=d["n_samples"], hovertemplate="%{x:.1f} (n=%{customdata}): "
-                                                                              "r=%{y:.3f}"), row=1, col=ci)
-        fig.update_xaxes(title_text="fraction of samples", row=1, col=ci)
+    fig = _line_panels(df, "edge", "fraction", "pearson_r", _conditions(df, conditions), customdata="n_samples",
+                       hovertemplate="%{x:.1f} (n=%{customdata}): r=%{y:.3f}")
+    fig.update_xaxes(title_text="fraction of samples")
     fig.update_yaxes(title_text="Pearson r with the full curve", range=[-1.05, 1.05], row=1, col=1)
     fig.update_layout(title=title, height=400, legend_title_text="edge (src ↛ dst)", template="plotly_white")
     return fig
@@ -229,23 +240,10 @@ def anchor_lines(df: pd.DataFrame, value: str | None = None, conditions: Sequenc
     if df.empty:
         return _empty(title, "no anchor read-out results")
     conds = _conditions(df, conditions)
-    groups = list(dict.fromkeys(df["group"]))
-    fig = make_subplots(rows=1, cols=len(conds), shared_yaxes=True, subplot_titles=[_label(c) for c in conds],
-                        horizontal_spacing=0.06)
-    for ci, cond in enumerate(conds, start=1):
-        for gi, g in enumerate(groups):
-            d = df[(df["condition"] == cond) & (df["group"] == g)].sort_values("layer")
-            if d.empty:
-                continue
-            err = None
-            if f"{value}_low" in d.columns:
-                err = dict(type="data", symmetric=False, array=d[f"{value}_high"] - d[value],
-                           arrayminus=d[value] - d[f"{value}_low"], thickness=1)
-            fig.add_trace(go.Scatter(x=d["layer"], y=d[value], mode="lines+markers", name=g, legendgroup=g,
-                                     showlegend=ci == 1, line=dict(color=PALETTE[gi % len(PALETTE)]), error_y=err),
-                          row=1, col=ci)
-        fig.update_xaxes(title_text="layer", dtick=1 if df["layer"].max() < 16 else 3, row=1, col=ci)
-        if value in ("agreement", "follow_rate", "ldar"):
+    fig = _line_panels(df, "group", "layer", value, conds, error=(f"{value}_low", f"{value}_high"))
+    fig.update_xaxes(title_text="layer", dtick=1 if df["layer"].max() < 16 else 3)
+    if value in ("agreement", "follow_rate", "ldar"):
+        for ci in range(1, len(conds) + 1):
             fig.add_hline(y=0.5, line=dict(color="grey", width=1, dash="dot"), row=1, col=ci)
     fig.update_yaxes(title_text="LDAR" if value == "ldar" else value.replace("_", " "), row=1, col=1)
     if value in ("agreement", "follow_rate", "ldar"):
