@@ -299,6 +299,18 @@ def parse_edges(text: str | None) -> list[tuple[str, str]] | None:
     return edges
 
 
+def parse_variants(text: str | None) -> list[str]:
+    """``--variants``: prompt layouts to rerun the instruction/constraint knockouts on (``none``: no rerun)."""
+    from ..data.variants import VARIANTS
+
+    names = [v for v in _csv_list(text or "") if v not in ("none", "original")]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ModalityCircuitsError(f"--variants: unknown variant(s) {unknown}; choose from "
+                                    f"{sorted(set(VARIANTS) - {'original'})} or 'none'.")
+    return names
+
+
 def with_random_controls(edges: Sequence[tuple[str, str]], k: int, like: str = "instruction"
                          ) -> list[tuple[str, str]]:
     """``edges`` plus, for every edge into or out of ``like``, the same edge with each of ``k`` random stand-ins

@@ -14,7 +14,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-from .run import HEAD_METHODS, Run, _csv_list, parse_edges, parse_layers, usable_for_lens, with_random_controls
+from .run import (
+    HEAD_METHODS,
+    Run,
+    _csv_list,
+    parse_edges,
+    parse_layers,
+    parse_variants,
+    usable_for_lens,
+    with_random_controls,
+)
 
 
 # ================================================================================================ stages
@@ -53,18 +62,14 @@ def variant_knockouts(model: HookedMLLM, conflict: list, edges: list, variants: 
     (:mod:`modality_circuits.data.variants`); one table with a ``variant`` column, the original rows included."""
     import pandas as pd
 
-    from ..data.variants import VARIANTS, apply_variant
-    from ..errors import ModalityCircuitsError
+    from ..data.variants import apply_variant
     from ..sweeps.knockout import knockout_sweep
 
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ModalityCircuitsError(f"--variants: unknown variant(s) {unknown}; choose from "
-                                    f"{sorted(set(VARIANTS) - {'original'})} or 'none'.")
     touched = [e for e in edges if {"instruction", "constraint"} & set(e)]
     names = {f"{a}↛{b}" for a, b in touched}
-    parts = [original[original["edge"].isin(names)].assign(variant="original")]
-    usable = [s for s in conflict if s.instruction and s.constraint]
+    usable = [s for s in conflict if s.instruction and s.constraint]  # the samples every layout can be built from
+    ids = {s.id for s in usable}
+    parts = [original[original["edge"].isin(names) & original["sample_id"].isin(ids)].assign(variant="original")]
     for v in variants:
         d = knockout_sweep(model, apply_variant(usable, v), edges=touched,
                            centers=parse_layers(args.centers, model.cfg.n_layers), window=args.window,
@@ -80,6 +85,7 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
     from ..sweeps.stability import subset_stability
 
     with run.stage("knockout") as info:
+        variants = parse_variants(getattr(args, "variants", None))  # checked before the sweep, not after it
         edges = with_random_controls(parse_edges(args.edges) or list(DEFAULT_EDGES),
                                      getattr(args, "random_sets", None) or 0)
         df = knockout_sweep(model, conflict, edges=edges, centers=parse_layers(args.centers, model.cfg.n_layers),
@@ -94,7 +100,6 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
             r = g.loc[g["mean"].idxmin()]
             worst[cond] = {"edge": r["edge"], "layer": int(r["layer"]), "mean_delta": round(float(r["mean"]), 4)}
         run.results["knockout"] = {"n_rows": len(df), "edges": [f"{a}↛{b}" for a, b in edges], "largest_drop": worst}
-        variants = [v for v in _csv_list(getattr(args, "variants", None) or "") if v not in ("none", "original")]
         if variants:
             vdf = variant_knockouts(model, conflict, edges, variants, args, progress=not run.quiet, original=df)
             run.csv(vdf, "knockout_variants.csv")

@@ -53,3 +53,13 @@ def test_random_controls_mirror_every_instruction_edge():
     assert with_random_controls(edges, 0) == edges
     with pytest.raises(ModalityCircuitsError, match="--random-sets"):
         with_random_controls(edges, -1)
+
+
+def test_variants_are_checked_before_any_work():
+    from modality_circuits.cli.run import parse_variants
+    from modality_circuits.errors import ModalityCircuitsError
+
+    assert parse_variants("none") == [] and parse_variants(None) == []
+    assert parse_variants("original,filler_after_instruction") == ["filler_after_instruction"]
+    with pytest.raises(ModalityCircuitsError, match=r"--variants: unknown variant\(s\) \['upside_down'\]"):
+        parse_variants("upside_down")
