@@ -125,11 +125,24 @@ def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}", classes="data")
 
 
+def _largest_drops(kv: pd.DataFrame) -> pd.DataFrame:
+    """Per condition, edge and prompt layout: the window centre with the most negative mean ``delta`` (×100)."""
+    from .stats import summarize
+
+    s = summarize(kv, "delta", ["condition", "edge", "variant", "layer"])
+    worst = s.loc[s.groupby(["condition", "edge", "variant"], sort=False)["mean"].idxmin()]
+    out = worst[["condition", "edge", "variant", "layer", "count"]].copy()
+    for c in ("mean", "ci_low", "ci_high"):
+        out[c] = (100 * worst[c]).round(1)
+    return out.rename(columns={"layer": "centre", "count": "n", "mean": "largest drop %", "ci_low": "ci low",
+                               "ci_high": "ci high"}).sort_values(["condition", "edge", "variant"])
+
+
 def _study_sizes(manifest: dict) -> str:
     """The profile and the sample counts / layer windows the run used (what the report's numbers rest on)."""
     a = manifest.get("args", {})
     keys = ("n", "n_general", "centers", "window", "method", "heatmap_methods", "n_random", "n_failed_pool", "n_patch",
-            "patch_every", "random_sets", "variants")
+            "patch_every", "random_sets", "variants", "variant_n", "variant_every")
     parts = [f"{k}={a[k]}" for k in keys if a.get(k) is not None]
     d = manifest.get("data", {}).get("distractors")
     sizes = ", ".join(parts + ([f"distractors={d}"] if d is not None else []))
@@ -234,7 +247,10 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, png: bo
                     "instruction after the question, instruction and format sentence swapped, and a filler sentence "
                     "inserted after the instruction. If the instruction's effect follows its <em>meaning</em>, its "
                     "curves keep their shape wherever it sits; if it follows its <em>position</em>, they move to the "
-                    "segment that now sits there.</p>"
+                    f"segment that now sits there. {df['sample_id'].nunique()} samples, window centres "
+                    f"{', '.join(map(str, sorted(set(df['layer']))))}. The table gives each curve's largest drop "
+                    "(mean relative change ×100, bootstrap 95% CI over samples).</p>"
+                    + _table(_largest_drops(df))
                     + page.figure(viz.knockout_curves(df.assign(edge=df["edge"] + " · " + df["variant"]),
                                                       title="Attention knockout per prompt layout"),
                                   "knockout-variants")), kv)

@@ -73,6 +73,23 @@ def test_report_is_self_contained(results: Path) -> None:
     assert html.count("CircuitsVis.render(") == 2  # one view per condition
     assert "Heads selected on 4 conflict samples; evaluated on 4 disjoint samples." in html
     assert "random heads (mean ± std over 2 sets)" in html
+    variants = html[html.index("<section id='knockout-variants'>"):]
+    assert "largest drop %" in variants[:variants.index("</section>")]
+
+
+def test_variant_table_picks_each_curves_largest_drop() -> None:
+    import pandas as pd
+
+    from modality_circuits.report import _largest_drops
+
+    rows = [{"sample_id": i, "condition": "image", "edge": "instruction↛last", "variant": v, "layer": layer,
+             "delta": d + 0.01 * i}
+            for i in range(4) for v, drops in (("original", (-0.1, -0.5, 0.0)), ("swap", (-0.3, 0.0, -0.2)))
+            for layer, d in zip((1, 4, 7), drops)]
+    t = _largest_drops(pd.DataFrame(rows)).set_index("variant")
+    assert t.loc["original", "centre"] == 4 and t.loc["swap", "centre"] == 1
+    assert t.loc["original", "largest drop %"] == pytest.approx(-48.5) and t.loc["swap", "n"] == 4
+    assert t.loc["original", "ci low"] <= -48.5 <= t.loc["original", "ci high"]
 
 
 def test_missing_files_leave_notes(tmp_path: Path) -> None:

@@ -276,12 +276,17 @@ def _knockout_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-sets", type=int, default=None, metavar="K",
                    help="control: each edge into or out of the instruction is also run with K random token sets of "
                         "the instruction's size drawn from the other user-turn text (groups random0~instruction …; "
-                        "default: 2 on models of at most 8 layers, 0 on deeper ones, to fit the time budget)")
+                        "default: 2 on models of at most 8 layers, 1 on deeper ones, to fit the time budget)")
     g.add_argument("--variants", default=None, metavar="LIST",
                    help="position control: rerun the edges into/out of the instruction and the constraint on these "
                         "prompt layouts (instruction_after_question, swap_instruction_constraint, "
-                        "filler_after_instruction; 'none' for no rerun; default: all three on models of at most 8 "
-                        "layers, none on deeper ones, to fit the time budget)")
+                        "filler_after_instruction; 'none' for no rerun; default: all three)")
+    g.add_argument("--variant-n", type=int, default=None, metavar="N",
+                   help="samples for the --variants reruns, half per instruction (0: all; default: all on models of "
+                        "at most 8 layers, 20 on deeper ones, to fit the time budget)")
+    g.add_argument("--variant-every", type=int, default=None, metavar="K",
+                   help="rerun the variants at every K-th knockout window centre (default: 1 on models of at most 8 "
+                        "layers, 2 on deeper ones)")
     g.add_argument("--first-token", action="store_true", help="score only the answers' first token")
     g.add_argument("--metric", default="p_binary", choices=("p_binary", "p_follow", "logit_diff"),
                    help="what the knockout changes: the binary-constrained following probability (default), the "

@@ -56,23 +56,42 @@ def accuracy_line(ev: dict) -> str:
     return line
 
 
+def balanced_subset(samples: list, n: int) -> list:
+    """The first ``n // 2`` samples of each instructed modality (``n`` odd: one more image-following sample), in
+    their original order; ``n <= 0`` or ``n >= len(samples)``: all of them."""
+    if n <= 0 or n >= len(samples):
+        return list(samples)
+    quota = {"image": n - n // 2, "text": n // 2}
+    out = []
+    for s in samples:
+        if quota.get(s.follow, 0) > 0:
+            quota[s.follow] -= 1
+            out.append(s)
+    return out
+
+
 def variant_knockouts(model: HookedMLLM, conflict: list, edges: list, variants: list[str], args: argparse.Namespace,
                       progress: bool, original: Any) -> Any:
     """The position control: the edges that touch the instruction or the constraint, rerun on each prompt variant
-    (:mod:`modality_circuits.data.variants`); one table with a ``variant`` column, the original rows included."""
+    (:mod:`modality_circuits.data.variants`) for ``args.variant_n`` samples (:func:`balanced_subset`; 0: all) at
+    every ``args.variant_every``-th knockout window centre; one table with a ``variant`` column, the original
+    layout's rows for the same samples, edges and centres included."""
     import pandas as pd
 
     from ..data.variants import apply_variant
     from ..sweeps.knockout import knockout_sweep
 
+    every = getattr(args, "variant_every", None) or 1
     touched = [e for e in edges if {"instruction", "constraint"} & set(e)]
     names = {f"{a}↛{b}" for a, b in touched}
     usable = [s for s in conflict if s.instruction and s.constraint]  # the samples every layout can be built from
+    usable = balanced_subset(usable, getattr(args, "variant_n", None) or 0)
+    centers = sorted(set(original["layer"]))[::every]
     ids = {s.id for s in usable}
-    parts = [original[original["edge"].isin(names) & original["sample_id"].isin(ids)].assign(variant="original")]
+    parts = [original[original["edge"].isin(names) & original["sample_id"].isin(ids)
+                      & original["layer"].isin(centers)].assign(variant="original")]
     for v in variants:
-        d = knockout_sweep(model, apply_variant(usable, v), edges=touched,
-                           centers=parse_layers(args.centers, model.cfg.n_layers), window=args.window,
+        d = knockout_sweep(model, apply_variant(usable, v), edges=touched, centers=centers, window=args.window,
                            window_mode=args.window_mode, batch_size=args.batch_size, first_token=args.first_token,
                            metric=args.metric, progress=progress, seed=args.seed)
         parts.append(d.assign(variant=v))
@@ -86,6 +105,10 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
 
     with run.stage("knockout") as info:
         variants = parse_variants(getattr(args, "variants", None))  # checked before the sweep, not after it
+        if getattr(args, "variant_every", None) is not None and args.variant_every < 1:
+            raise ModalityCircuitsError(f"--variant-every must be >= 1, got {args.variant_every}.")
+        if getattr(args, "variant_n", None) is not None and args.variant_n < 0:
+            raise ModalityCircuitsError(f"--variant-n must be >= 0 (0: all samples), got {args.variant_n}.")
         edges = with_random_controls(parse_edges(args.edges) or list(DEFAULT_EDGES),
                                      getattr(args, "random_sets", None) or 0)
         df = knockout_sweep(model, conflict, edges=edges, centers=parse_layers(args.centers, model.cfg.n_layers),

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -169,6 +170,8 @@ def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixtu
     (["--edges", "image=last"], "cannot parse"),
     (["--edges", "image->nowhere"], "no group 'nowhere'"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--variant-every", "0"], "--variant-every must be >= 1"),
+    (["--variant-n", "-1"], "--variant-n must be >= 0"),
     (["--device", "cuda:7"], None),
 ])
 def test_bad_values(toy_dir: Path, tmp_path: Path, extra: list[str], message: str | None,
@@ -272,6 +275,23 @@ def test_single_analyses_and_report(toy_dir: Path, tmp_path: Path, capsys: pytes
     assert rc == 0 and (tmp_path / "report.html").is_file()
     html = (tmp_path / "report.html").read_text()
     assert "fig-knockout" in html and "fig-anchors" in html and "Not computed in this run" in html
+
+
+def test_variant_reruns_take_a_balanced_subset_at_every_kth_centre(toy_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    rc, _, _ = run_cli(["knockout", "--model", str(toy_dir), "--out", str(tmp_path), "--n", "8", "--threads", "1",
+                        "--quiet", "--edges", "instruction->last,image->last", "--layers", "0,1",
+                        "--variants", "filler_after_instruction", "--variant-n", "4", "--variant-every", "2"], capsys)
+    assert rc == 0
+    ko, kv = pd.read_csv(tmp_path / "knockout.csv"), pd.read_csv(tmp_path / "knockout_variants.csv")
+    assert ko["sample_id"].nunique() == 8 and set(ko["layer"]) == {0, 1}
+    # 4 samples (2 per instruction) × the 1 edge touching the instruction × centre 0 (every 2nd of 0, 1) × 2 layouts
+    assert len(kv) == 4 * 1 * 1 * 2 and set(kv["layer"]) == {0} and set(kv["edge"]) == {"instruction↛last"}
+    for _, g in kv.groupby("variant"):
+        assert g.drop_duplicates("sample_id")["condition"].value_counts().to_dict() == {"image": 2, "text": 2}
+    orig = kv[kv["variant"] == "original"].set_index(["sample_id", "layer"])["delta"].sort_index()
+    same = ko[ko["edge"] == "instruction↛last"].set_index(["sample_id", "layer"])["delta"]
+    assert np.allclose(orig, same.loc[orig.index])  # the original layout's rows are the main sweep's
 
 
 def test_evaluate_synthetic(toy_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

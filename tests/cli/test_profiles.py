@@ -63,3 +63,15 @@ def test_variants_are_checked_before_any_work():
     assert parse_variants("original,filler_after_instruction") == ["filler_after_instruction"]
     with pytest.raises(ModalityCircuitsError, match=r"--variants: unknown variant\(s\) \['upside_down'\]"):
         parse_variants("upside_down")
+
+
+def test_balanced_subset_keeps_order_and_halves():
+    from types import SimpleNamespace
+
+    from modality_circuits.cli.stages import balanced_subset
+
+    xs = [SimpleNamespace(id=i, follow="image" if i % 3 else "text") for i in range(12)]
+    sub = balanced_subset(xs, 5)
+    assert [x.id for x in sub] == [0, 1, 2, 3, 4]  # 3 image-following (1, 2, 4), 2 text-following (0, 3)
+    assert [x.follow for x in sub].count("image") == 3
+    assert balanced_subset(xs, 0) == xs and balanced_subset(xs, 99) == xs
