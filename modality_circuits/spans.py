@@ -11,8 +11,8 @@ Standard group names: ``image`` (all image tokens; ``image.0``, ``image.1`` … 
 **Random control groups** (the "is the instruction special, or any tokens?" control). A group named
 ``random<k>~<like>`` (e.g. ``random0~instruction``; :func:`random_group_name`) holds, in every row, as many positions
 as ``like`` has there (the whole pool where it is smaller, with a warning), drawn uniformly without replacement
-from the user-turn text groups (:data:`RANDOM_POOL`) outside ``like``; draw ``k`` of a sample is seeded by
-``(seed, k, the sample's id)``, so it does not depend on how samples are batched. :func:`with_random_groups` adds
+from the prompt's text groups (:data:`RANDOM_POOL`: system prompt and user-turn text) outside ``like``; draw ``k``
+of a sample is seeded by ``(seed, k, the sample's id)``, so it does not depend on how samples are batched. :func:`with_random_groups` adds
 the groups a list of names asks for.
 """
 
@@ -186,8 +186,11 @@ def positions_to_mask(positions: Sequence[Sequence[int]] | Sequence[int], batch:
     return m
 
 
-#: The groups a random control set is drawn from (minus the group it mimics): the user turn's text.
-RANDOM_POOL = ("context", "instruction", "question", "constraint")
+#: The groups a random control set is drawn from (minus the group it mimics): the system prompt and the user turn's
+#: text. The system prompt is in the pool because on short prompts the user turn alone is barely larger than the
+#: instruction (SmolLLaVA: 29 other user-turn tokens on average for a 30-token instruction), so a same-size set
+#: drawn from it alone would be nearly the whole user turn.
+RANDOM_POOL = ("system", "context", "instruction", "question", "constraint")
 _RANDOM = re.compile(r"^random(\d+)~(.+)$")
 
 

@@ -1,4 +1,4 @@
-"""Random control groups: same size as the group they mimic, drawn from the other user-turn text, seeded per sample."""
+"""Random control groups: same size as the group they mimic, drawn from the other prompt text, seeded per sample."""
 
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ def test_same_size_from_the_pool_outside_the_group_and_seeded_per_sample() -> No
     ids = ["a", "b"]
     r = random_like(sp, "instruction", ids, k=0, seed=1)
     inst = sp.mask("instruction")
-    pool = sp.mask([g for g in RANDOM_POOL if g != "instruction"])
+    pool = sp.mask([g for g in RANDOM_POOL if g != "instruction" and g in sp])  # these spans have no system prompt
     assert r.sum(1).tolist() == inst.sum(1).tolist()  # same size per row
-    assert not (r & inst).any() and not (r & ~pool).any()  # only other user-turn text: never image, last, padding
+    assert not (r & inst).any() and not (r & ~pool).any()  # only other prompt text: never image, last, padding
     assert torch.equal(r, random_like(sp, "instruction", ids, k=0, seed=1))
     draws = {tuple(random_like(sp, "instruction", ids, k=k, seed=1)[0].nonzero().flatten().tolist())
              for k in range(8)}
@@ -72,3 +72,16 @@ def test_a_pool_smaller_than_the_group_gives_the_whole_pool_with_a_warning(caplo
         r = random_like(sp, "instruction", ["a", "b"], pool=("constraint",))
     assert torch.equal(r, sp.mask("constraint"))
     assert "smaller than the group in 2 sample(s)" in caplog.text and "a (1 of 3)" in caplog.text
+
+
+def test_the_system_prompt_is_in_the_pool() -> None:
+    """On short prompts the user turn alone is barely larger than the instruction; the system prompt widens the pool."""
+    sp = _spans()
+    system = torch.zeros(2, 14, dtype=torch.bool)
+    system[:, :2] = True
+    wide = Spans({name: torch.cat([torch.zeros(2, 2, dtype=torch.bool), sp.mask(name)], 1) for name in sp.names}
+                 | {"system": system})
+    drawn = torch.zeros(14, dtype=torch.bool)
+    for k in range(20):
+        drawn |= random_like(wide, "instruction", ["a", "b"], k=k)[0]
+    assert drawn[:2].any() and not (drawn & wide.mask("instruction")[0]).any()

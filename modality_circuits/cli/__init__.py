@@ -275,8 +275,9 @@ def _knockout_opts(p: argparse.ArgumentParser) -> None:
                    help="window centred on the layer or starting at it (default: centered)")
     g.add_argument("--random-sets", type=int, default=None, metavar="K",
                    help="control: each edge into or out of the instruction is also run with K random token sets of "
-                        "the instruction's size drawn from the other user-turn text (groups random0~instruction …; "
-                        "default: 2 on models of at most 8 layers, 1 on deeper ones, to fit the time budget)")
+                        "the instruction's size drawn from the other prompt text: system prompt, context, question, "
+                        "format sentence (groups random0~instruction …; default: 2 on models of at most 8 layers, 1 "
+                        "on deeper ones, to fit the time budget)")
     g.add_argument("--variants", default=None, metavar="LIST",
                    help="position control: rerun the edges into/out of the instruction and the constraint on these "
                         "prompt layouts (instruction_after_question, swap_instruction_constraint, "
