@@ -12,8 +12,8 @@ Standard group names: ``image`` (all image tokens; ``image.0``, ``image.1`` … 
 ``random<k>~<like>`` (e.g. ``random0~instruction``; :func:`random_group_name`) holds, in every row, as many positions
 as ``like`` has there (the whole pool where it is smaller, with a warning), drawn uniformly without replacement
 from the prompt's text groups (:data:`RANDOM_POOL`: system prompt and user-turn text) outside ``like``; draw ``k``
-of a sample is seeded by ``(seed, k, the sample's id)``, so it does not depend on how samples are batched. :func:`with_random_groups` adds
-the groups a list of names asks for.
+of a sample is seeded by ``(seed, k, the sample's id)``, so it does not depend on how samples are batched.
+:func:`with_random_groups` adds the groups a list of names asks for.
 """
 
 from __future__ import annotations
