@@ -38,6 +38,7 @@ import pandas as pd
 from . import viz
 from .data.sample import CONDITION_LABELS
 from .patching.engine import PatchResult
+from .rundir import atomic_write_text
 from .viz.patching import patching_heatmap
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ header p{margin:4px 0 0;opacity:.85}main{padding:8px 32px 40px;max-width:1400px}
 nav{margin:12px 0 0}nav a{color:#cfe0ff;margin-right:14px;font-size:14px}
 section{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:14px 20px;margin:18px 0}
 h2{margin-top:4px;font-size:20px;color:#23395d}p.note{color:#555;font-size:14px;margin:6px 0}
+p.warn{background:#fff4e5;border-left:4px solid #e8a33d;padding:8px 12px;font-size:14px}
 table{border-collapse:collapse;font-size:14px;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 10px}
 th{background:#f0f3f8;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f5f5f5;padding:10px;overflow:auto;font-size:12px;max-height:420px}
@@ -123,6 +125,31 @@ def _missing(what: str) -> str:
 
 def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}", classes="data")
+
+
+def run_status(manifest: dict | None) -> dict[str, list[str]]:
+    """``{"failed": […], "not_run": […]}``: the planned stages (``manifest["planned"]``, the report itself aside)
+    that failed, were interrupted or are still marked running, and those never started; empty lists for a
+    complete run or a manifest that predates stage status."""
+    if not manifest or not manifest.get("planned"):
+        return {"failed": [], "not_run": []}
+    stages = manifest.get("stages", {})
+    failed = [f"{k} ({v.get('status')}{': ' + v['error'] if v.get('error') else ''})" for k, v in stages.items()
+              if k != "report" and v.get("status") != "done"]
+    not_run = [k for k in manifest["planned"] if k != "report" and k not in stages]
+    return {"failed": failed, "not_run": not_run}
+
+
+def unfinished_note(manifest: dict | None) -> str:
+    """A warning box for a run that stopped before its planned stages finished ('' otherwise)."""
+    st = run_status(manifest)
+    if not (st["failed"] or st["not_run"]):
+        return ""
+    parts = ([f"stopped in: {html.escape('; '.join(st['failed']))}"] if st["failed"] else []) + (
+        [f"never ran: {html.escape(', '.join(st['not_run']))}"] if st["not_run"] else [])
+    return ("<p class='warn'><strong>This run did not finish</strong> — " + ". ".join(parts)
+            + ". Sections of those stages are missing or from an earlier stage; continue it with the same command "
+            "and <code>--resume</code>.</p>")
 
 
 def _largest_drops(kv: pd.DataFrame) -> pd.DataFrame:
@@ -202,7 +229,7 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, png: bo
     page = _Page(d / "figures" if png else None)
     manifest = _read_json(d, "manifest.json")
     evaluation = _read_json(d, "evaluate.json")
-    page.add("summary", "Summary", _summary_section(manifest, evaluation))
+    page.add("summary", "Summary", unfinished_note(manifest) + _summary_section(manifest, evaluation))
 
     def section(key: str, name: str, files: list[str], make: Callable[..., str], *loaded: Any) -> None:
         if any(x is None for x in loaded):
@@ -327,7 +354,7 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, png: bo
            f"</head><body><header><h1>{html.escape(title)}</h1><p>{subtitle}</p><nav>{nav}</nav></header>"
            f"<main><pre id='mc-js-errors'></pre>{sections}</main>{FOOTER_SCRIPT}</body></html>")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(doc, encoding="utf-8")
+    atomic_write_text(out, doc)
     logger.info("wrote %s (%d figures, %d attention views, %.1f MB)", out, page.n_fig, page.n_cv,
                 out.stat().st_size / 1e6)
     return out

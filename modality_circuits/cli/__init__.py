@@ -65,25 +65,12 @@ logger = logging.getLogger(__name__)
 
 # ============================================================================================== commands
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    run = Run(args, "evaluate")
+    run = Run(args, "evaluate", planned=("load", "evaluate" if args.data in (None, "synthetic") else "mfr"))
     with run.stage("load") as info:
         model = load_model(args, run)
         info["summary"] = f"{run.manifest['model']['architecture']} from {run.manifest['model']['path']}"
     if args.data in (None, "synthetic"):
-        from ..evaluation import EVAL_SEED, evaluate_model
-
-        with run.stage("evaluate") as info:
-            seed = EVAL_SEED if args.seed is None else args.seed
-            ev = evaluate_model(model, n=args.n or 200, seed=seed, batch_size=args.batch_size,
-                                progress=not run.quiet, distractors=args.distractors)
-            for _k, v in ev.items():
-                if isinstance(v, dict) and "accuracy" in v:
-                    v.setdefault("n", ev["n_per_condition"])
-            run.manifest["data"] = {"source": "synthetic (held-out evaluation sets)", "seed": seed,
-                                    "n_per_condition": ev["n_per_condition"], "distractors": args.distractors}
-            run.json(ev, "evaluate.json")
-            run.results["evaluate"] = ev
-            info["summary"] = accuracy_line(ev)
+        ev = run.results.get("evaluate", {}) if run.skip("evaluate") else _evaluate_synthetic(run, model, args)
     else:
         if args.seed is None:
             args.seed = 0
@@ -95,11 +82,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_synthetic(run: Run, model: Any, args: argparse.Namespace) -> dict:
+    from ..evaluation import EVAL_SEED, evaluate_model
+
+    with run.stage("evaluate") as info:
+        seed = EVAL_SEED if args.seed is None else args.seed
+        ev = evaluate_model(model, n=args.n or 200, seed=seed, batch_size=args.batch_size, progress=not run.quiet,
+                            distractors=args.distractors)
+        for _k, v in ev.items():
+            if isinstance(v, dict) and "accuracy" in v:
+                v.setdefault("n", ev["n_per_condition"])
+        run.manifest["data"] = {"source": "synthetic (held-out evaluation sets)", "seed": seed,
+                                "n_per_condition": ev["n_per_condition"], "distractors": args.distractors}
+        run.json(ev, "evaluate.json")
+        run.results["evaluate"] = ev
+        info["summary"] = accuracy_line(ev)
+    return ev
+
+
+#: The stages ``reproduce`` runs, in order (recorded as the manifest's ``planned``).
+REPRODUCE_STAGES = ("load", "mfr", "knockout", "contributions", "anchors", "heads", "attention views", "patching",
+                    "report")
+
+
 def _analysis(args: argparse.Namespace, command: str) -> tuple[Run, Any, list, list]:
     if args.seed is None:
         args.seed = 0
     seed_everything(args.seed)
-    run = Run(args, command)
+    planned = REPRODUCE_STAGES if command == "reproduce" else ("load", command) + (
+        ("attention views",) if command == "heads" else ())
+    run = Run(args, command, planned=planned)
     with run.stage("load") as info:
         model = load_model(args, run)
         run.manifest["study_profile"] = apply_study_profile(args, model.cfg.n_layers)
@@ -221,7 +233,8 @@ def cmd_train_smollava(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import build_report
+    from ..report import build_report, run_status
+    from ..rundir import read_manifest
 
     d = Path(args.results)
     if not d.is_dir():
@@ -229,6 +242,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = build_report(d, out=args.out, png=not args.no_png)
     if not args.quiet:
         print(f"wrote {path}")
+    st = run_status(read_manifest(d))
+    if st["failed"] or st["not_run"]:
+        print("warning: this run did not finish (" + "; ".join(
+            [f"stopped in: {', '.join(st['failed'])}"] * bool(st["failed"])
+            + [f"never ran: {', '.join(st['not_run'])}"] * bool(st["not_run"]))
+            + "); the report says so at the top. Continue the run with its command and --resume.", file=sys.stderr)
     return 0
 
 
@@ -258,7 +277,14 @@ def _common(p: argparse.ArgumentParser, n_help: str, seed_help: str = "random se
     r.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: float32)")
     r.add_argument("--batch-size", type=int, default=16, metavar="B", help="samples per forward batch (default: 16)")
     r.add_argument("--threads", type=int, default=None, metavar="T", help="torch CPU threads (default: torch's)")
-    r.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/<command>)")
+    r.add_argument("--out", metavar="DIR", default=None,
+                   help="run directory, one configuration per directory (default: a new runs/<command>/<timestamp>, "
+                        "with runs/<command>/latest pointing at it)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run of this configuration in --out (default: runs/<command>/latest), "
+                        "keeping its finished stages")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out, whatever its configuration (default: refuse a non-empty --out)")
     r.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
 
 
@@ -467,6 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModalityCircuitsError, FileNotFoundError) as e:
         msg = " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or vanished directory: what failed and where, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; the files written before this point are complete (every file is "
+              "written atomically) and the manifest records which stages finished.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -78,49 +78,101 @@ def apply_study_profile(args: argparse.Namespace, n_layers: int) -> str:
 
 # ============================================================================================ run context
 class Run:
-    """One command's output directory, stage timings, one-line stage summaries and manifest."""
+    """One command's run directory (:mod:`modality_circuits.rundir`: one configuration per directory, atomic files,
+    ``--overwrite`` / ``--resume``), stage status and timings, one-line stage summaries, and the manifest.
 
-    def __init__(self, args: argparse.Namespace, command: str):
+    ``planned``: the stages the command runs, in order (the report names the missing ones of an unfinished run).
+    """
+
+    def __init__(self, args: argparse.Namespace, command: str, planned: Sequence[str] = ()):
+        from ..rundir import claim_run_dir, new_run_dir, point_latest, run_config
+
         self.args, self.command = args, command
-        self.out = Path(args.out or Path("runs") / command)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.quiet = bool(getattr(args, "quiet", False))
+        arguments = _jsonable({k: v for k, v in vars(args).items() if k != "func"})
+        config = run_config(command, arguments)
+        resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
+        latest = Path("runs") / command / "latest"
+        if args.out:
+            self.out = Path(args.out)
+        elif resume and latest.is_dir():
+            self.out = latest.resolve()
+        else:
+            self.out = new_run_dir("runs", command)
+        previous = claim_run_dir(self.out, config, overwrite=overwrite, resume=resume)
+        if not args.out and self.out.parent.name == command:
+            point_latest(self.out)
         self.timings: dict[str, float] = {}
-        self.t0 = time.time()
-        arguments = {k: v for k, v in vars(args).items() if k != "func"}
-        self.manifest: dict[str, Any] = {"command": command, "argv": sys.argv[1:], "args": _jsonable(arguments),
-                                         "seed": getattr(args, "seed", None), "started": _now(),
-                                         "versions": versions(), "timings": self.timings}
+        self.stages: dict[str, dict[str, Any]] = {}
         self.results: dict[str, Any] = {}
+        self.kept: set[str] = set()
+        if previous is not None:  # --resume: keep what the earlier run finished
+            self.kept = {k for k, v in previous.get("stages", {}).items() if v.get("status") == "done"} - {"load"}
+            self.stages.update({k: previous["stages"][k] for k in self.kept})
+            self.timings.update({k: v for k, v in previous.get("timings", {}).items() if k in self.kept})
+            self.results.update(previous.get("results", {}))
+        self.t0 = time.time()
+        self.manifest: dict[str, Any] = {"command": command, "argv": sys.argv[1:], "args": arguments,
+                                         "config": config, "seed": getattr(args, "seed", None), "started": _now(),
+                                         "versions": versions(), "planned": list(planned), "stages": self.stages,
+                                         "timings": self.timings}
+        if previous is not None:
+            self.manifest["resumed_from"] = {"started": previous.get("started"), "kept": sorted(self.kept)}
 
     def say(self, msg: str) -> None:
         if not self.quiet:
             print(msg, flush=True)
 
+    def skip(self, name: str) -> bool:
+        """True (and says so) when ``--resume`` keeps stage ``name`` from the earlier run; its files are there."""
+        if name in self.kept:
+            self.say(f"[{name}] kept from the earlier run (--resume)")
+            return True
+        return False
+
     @contextmanager
     def stage(self, name: str) -> Iterator[dict]:
-        """Time a stage; the body may set ``info["summary"]`` (printed as one line)."""
+        """Time a stage and record its status (``running`` -> ``done`` / ``failed`` / ``interrupted``) in the
+        manifest; the body may set ``info["summary"]`` (printed as one line)."""
         info: dict[str, Any] = {}
         t = time.time()
-        yield info
+        self.stages[name] = {"status": "running", "started": _now()}
+        self.kept.discard(name)
+        self.write_manifest()
+        try:
+            yield info
+        except BaseException as e:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            self.stages[name] = {"status": status, "seconds": round(time.time() - t, 2),
+                                 "error": f"{type(e).__name__}: {e}"[:500]}
+            try:
+                self.write_manifest()
+            except OSError:
+                pass  # the original error is the one to report
+            raise
         dt = time.time() - t
         self.timings[name] = round(dt, 2)
+        self.stages[name] = {"status": "done", "seconds": round(dt, 2)}
         self.say(f"[{name}] {info.get('summary', 'done')} ({dt:.1f} s)")
         self.write_manifest()
 
     def csv(self, df: Any, name: str) -> None:
-        df.to_csv(self.out / name, index=False)
+        from ..rundir import atomic_write_text
+
+        atomic_write_text(self.out / name, df.to_csv(index=False))
 
     def json(self, obj: Any, name: str) -> None:
-        (self.out / name).write_text(json.dumps(_jsonable(obj), indent=2, ensure_ascii=False))
+        from ..rundir import atomic_write_text
+
+        atomic_write_text(self.out / name, json.dumps(_jsonable(obj), indent=2, ensure_ascii=False))
 
     def write_manifest(self, final: bool = False) -> None:
         self.manifest["results"] = self.results
         if final:
             self.manifest["finished"] = _now()
             self.manifest["total_seconds"] = round(time.time() - self.t0, 2)
-        self.json(self.manifest, "manifest.json")
         self.json(self.results, "results.json")
+        self.json(self.manifest, "manifest.json")
 
 
 def _now() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ def stage_evaluate(run: Run, model: HookedMLLM, conflict: list, general: list, a
     """
     from ..evaluation import evaluate_samples
 
+    if run.skip("mfr"):
+        return run.results.get("evaluate", {})
     with run.stage("mfr") as info:
         ev, df, gen = evaluate_samples(model, conflict + general, batch_size=args.batch_size, progress=not run.quiet)
         run.csv(df, "mfr.csv")
@@ -103,6 +106,8 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
     from ..sweeps.knockout import DEFAULT_EDGES, knockout_sweep
     from ..sweeps.stability import subset_stability
 
+    if run.skip("knockout"):
+        return None
     with run.stage("knockout") as info:
         variants = parse_variants(getattr(args, "variants", None))  # checked before the sweep, not after it
         if getattr(args, "variant_every", None) is not None and args.variant_every < 1:
@@ -141,6 +146,8 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
 def stage_contributions(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
     from ..lens import contributions
 
+    if run.skip("contributions"):
+        return None
     with run.stage("contributions") as info:
         df = contributions(model, usable_for_lens(model, conflict), batch_size=args.batch_size,
                            progress=not run.quiet)
@@ -157,6 +164,8 @@ def stage_contributions(run: Run, model: HookedMLLM, conflict: list, args: argpa
 def stage_anchors(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
     from ..lens import anchor_readout
 
+    if run.skip("anchors"):
+        return None
     with run.stage("anchors") as info:
         groups = _csv_list(args.groups) or ["instruction", "last"]
         df = anchor_readout(model, usable_for_lens(model, conflict), groups=groups, batch_size=args.batch_size,
@@ -198,6 +207,13 @@ def stage_heads(run: Run, model: HookedMLLM, conflict: list, general: list, args
     from ..sweeps.heads import head_scores, score_matrix, select_heads
 
     conflict = usable_for_lens(model, conflict)
+    if run.skip("heads"):
+        if not run.skip("attention views"):  # rebuilt from the kept selection
+            sel = json.loads((run.out / "heads_selection.json").read_text())
+            chosen = set(sel["split"]["selection"])
+            stage_attention_views(run, model, [s for s in conflict if s.id not in chosen] or conflict,
+                                  sel["ranked"][:args.top_heads], args)
+        return None
     with run.stage("heads") as info:
         cond = None if args.select_condition == "both" else args.select_condition
         res = heads_experiment(model, conflict, general, pct=args.pct, method=args.method, select_condition=cond,
@@ -310,7 +326,7 @@ def stage_patching(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
     from ..patching import GroupResid, ResidAt, image_swap, instruction_flip, patch_resid_pre, path_patch
 
     n = int(getattr(args, "n_patch", 0) or 0)
-    if n <= 0:
+    if n <= 0 or run.skip("patching"):
         return None
     with run.stage("patching") as info:
         usable = usable_for_lens(model, conflict)

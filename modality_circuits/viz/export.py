@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -45,9 +46,12 @@ def save_png(fig: Any, path: str | Path, scale: float = 2.0) -> bool:
         return False
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # written whole, then renamed: never a partial PNG
     try:
-        fig.write_image(str(path), scale=scale)
+        fig.write_image(str(tmp), scale=scale)
+        os.replace(tmp, path)
     except Exception as e:  # kaleido/browser failures must never break a run
+        tmp.unlink(missing_ok=True)
         logger.info("PNG export of %s skipped: %s", path.name, e)
         return False
     return True

@@ -260,21 +260,22 @@ def test_other_seed_other_samples(toy_dir: Path, reproduce_runs: tuple[Path, Pat
 
 
 def test_single_analyses_and_report(toy_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    common = ["--model", str(toy_dir), "--out", str(tmp_path), "--n", "4", "--threads", "1"]
-    rc, out, _ = run_cli(["knockout", *common, "--edges", "image->last,context->last", "--layers", "0",
-                          "--window-mode", "start",
-                          "--window", "2"], capsys)
+    common = ["--model", str(toy_dir), "--n", "4", "--threads", "1"]
+    ko_dir = tmp_path / "knockout"
+    rc, out, _ = run_cli(["knockout", *common, "--out", str(ko_dir), "--edges", "image->last,context->last",
+                          "--layers", "0", "--window-mode", "start", "--window", "2"], capsys)
     assert rc == 0 and "[knockout]" in out
-    ko = pd.read_csv(tmp_path / "knockout.csv")
+    ko = pd.read_csv(ko_dir / "knockout.csv")
     assert set(ko["edge"]) == {"image↛last", "context↛last"} and set(ko["layers"]) == {"0,1"}
-    for command in ("contributions", "anchors"):
-        rc, out, _ = run_cli([command, *common, "--quiet"], capsys)
+    for command in ("contributions", "anchors"):  # one run directory per command and configuration
+        rc, out, _ = run_cli([command, *common, "--out", str(tmp_path / command), "--quiet"], capsys)
         assert rc == 0 and out == ""
-        assert (tmp_path / f"{command}.csv").is_file()
-    rc, out, _ = run_cli(["report", str(tmp_path), "--no-png"], capsys)
-    assert rc == 0 and (tmp_path / "report.html").is_file()
-    html = (tmp_path / "report.html").read_text()
-    assert "fig-knockout" in html and "fig-anchors" in html and "Not computed in this run" in html
+        assert (tmp_path / command / f"{command}.csv").is_file()
+    for d, fig in ((ko_dir, "fig-knockout"), (tmp_path / "anchors", "fig-anchors")):
+        rc, out, err = run_cli(["report", str(d), "--no-png"], capsys)
+        assert rc == 0 and "warning" not in err
+        html = (d / "report.html").read_text()
+        assert fig in html and "Not computed in this run" in html and "did not finish" not in html
 
 
 def test_variant_reruns_take_a_balanced_subset_at_every_kth_centre(toy_dir: Path, tmp_path: Path,
