@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  modality-circuits reproduce --model toy          # the 6-layer toy, in about a minute\n"
                "  modality-circuits evaluate --model DIR\n"
                "  modality-circuits knockout --data FILE.json --images COCO_DIR --window 9 --device cuda\n"
-               "  modality-circuits report runs/reproduce\n"
+               "  modality-circuits reproduce --resume             # continue runs/reproduce/latest where it stopped\n"
+               "  modality-circuits report runs/reproduce/latest\n"
                "run `modality-circuits COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     n_syn = "synthetic: number of conflict samples, half per condition (default: 200; 40 on models deeper than 8 " \
