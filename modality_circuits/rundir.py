@@ -8,9 +8,10 @@ results; runtime options such as ``--threads``, ``--device`` or ``--batch-size``
 * missing or empty: a fresh run;
 * a file, or not writable: refused;
 * not empty without a readable ``manifest.json``: refused, it is not a run directory (even with ``--overwrite``);
-* a run that finished no stage (it failed while loading, or on a bad option): replaced, there is nothing to lose;
-* a run of another configuration: refused, naming the options that differ, unless ``--overwrite``;
-* a run of the same configuration: refused unless ``--resume`` (continue it) or ``--overwrite``.
+* a run of another configuration: refused, naming the options that differ, unless ``--overwrite`` or unless it
+  finished no stage (it failed while loading, or on a bad option: there is nothing to lose, it is replaced);
+* a run of the same configuration: refused unless ``--resume`` (continue it), ``--shard`` (another part of it) or
+  ``--overwrite``; one that finished no stage is simply continued.
 
 Refusals change nothing. ``--overwrite`` empties the run directory first; ``--resume`` keeps the finished stages
 (their status is ``"done"`` in ``manifest["stages"]``) and reruns the rest. Every file is written atomically
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 #: Options that do not change a run's results (or only by floating-point noise): they may differ on ``--resume``.
 RUNTIME_OPTIONS = frozenset({"out", "quiet", "threads", "device", "batch_size", "overwrite", "resume", "no_png",
-                             "func"})
+                             "shard", "func"})
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
@@ -49,6 +50,20 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_with(path: str | Path, write: Any) -> Path:
+    """Like :func:`atomic_write_text` for any writer: ``write(tmp_path)`` fills a temporary file next to ``path``
+    (e.g. ``lambda p: df.to_parquet(p)``), which then replaces ``path``; removed again on any error."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -76,9 +91,10 @@ def read_manifest(d: str | Path) -> dict | None:
 
 
 def finished_stages(manifest: dict) -> list[str]:
-    """The stages a run finished, loading the model aside (manifests before stage status: its timed stages)."""
+    """The stages a run finished, wholly or in part (``partial``: some work units of a sharded sweep), loading the
+    model aside (manifests before stage status: its timed stages)."""
     if "stages" in manifest:
-        return [k for k, v in manifest["stages"].items() if v.get("status") == "done" and k != "load"]
+        return [k for k, v in manifest["stages"].items() if v.get("status") in ("done", "partial") and k != "load"]
     return [k for k in manifest.get("timings", {}) if k != "load"]
 
 
@@ -116,14 +132,14 @@ def claim_run_dir(out: Path, config: dict[str, Any], overwrite: bool = False, re
     """
     if out.exists() and not out.is_dir():
         raise ModalityCircuitsError(f"--out {out} is a file, not a directory; choose a directory path.")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):  # a temporary file is not a run
         old = read_manifest(out)
         if old is None:
             raise ModalityCircuitsError(
                 f"--out {out} is not empty and has no readable manifest.json, so it is not a modality-circuits run "
                 "directory; nothing was changed. Choose a new or empty directory.")
         old_config = old.get("config") or {"command": old.get("command")}
-        if overwrite or not finished_stages(old):
+        if overwrite or (old_config != config and not finished_stages(old)):
             if overwrite:
                 logger.warning("--overwrite: removing the earlier %s run in %s", old.get("command"), out)
             else:
@@ -137,7 +153,7 @@ def claim_run_dir(out: Path, config: dict[str, Any], overwrite: bool = False, re
                 f"--out {out} holds a run of another configuration ({'; '.join(diff[:6])}"
                 f"{'; …' if len(diff) > 6 else ''}); nothing was changed. Choose another --out, or pass --overwrite "
                 "to replace that run.")
-        if not resume:
+        if not resume and finished_stages(old):
             state = "a finished" if old.get("finished") else "an unfinished"
             raise ModalityCircuitsError(
                 f"--out {out} already holds {state} run of this configuration; nothing was changed. Pass "
@@ -155,5 +171,5 @@ def claim_run_dir(out: Path, config: dict[str, Any], overwrite: bool = False, re
     return None
 
 
-__all__ = ["RUNTIME_OPTIONS", "atomic_write_text", "claim_run_dir", "config_diff", "finished_stages", "new_run_dir",
-           "point_latest", "read_manifest", "run_config"]
+__all__ = ["RUNTIME_OPTIONS", "atomic_write_text", "atomic_write_with", "claim_run_dir", "config_diff",
+           "finished_stages", "new_run_dir", "point_latest", "read_manifest", "run_config"]

@@ -37,6 +37,7 @@ from .run import (  # noqa: F401
     Run,
     _csv_list,
     _jsonable,
+    _now,
     apply_study_profile,
     load_data,
     load_model,
@@ -232,6 +233,35 @@ def cmd_train_smollava(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..rundir import atomic_write_text, read_manifest
+    from ..sweeps.units import UnitStore
+    from .stages import knockout_line, knockout_tables
+
+    d = Path(args.results)
+    m = read_manifest(d)
+    if m is None:
+        raise ModalityCircuitsError(f"{d} has no readable manifest.json; pass the --out directory of a sharded "
+                                    "knockout run.")
+    if (m.get("config") or {}).get("command") != "knockout" or not (d / "units" / "knockout").is_dir():
+        raise ModalityCircuitsError(f"{d} holds no knockout work units (a {m.get('command')!r} run); merge combines "
+                                    "the units of `knockout --shard I/N` runs.")
+    store = UnitStore.open(d / "units" / "knockout")
+    df = store.merge()  # names the missing units, if any
+    p = store.params
+    edges = [tuple(e) for e in p["edges"]]
+    res = knockout_tables(lambda frame, name: atomic_write_text(d / name, frame.to_csv(index=False)), df, edges,
+                          p["seed"])
+    m.setdefault("results", {})["knockout"] = res
+    m.setdefault("stages", {})["knockout"] = {"status": "done", "merged": _now(), "units": len(store.units)}
+    m["finished"] = m.get("finished") or _now()
+    atomic_write_text(d / "results.json", json.dumps(_jsonable(m["results"]), indent=2, ensure_ascii=False))
+    atomic_write_text(d / "manifest.json", json.dumps(_jsonable(m), indent=2, ensure_ascii=False))
+    if not args.quiet:
+        print(f"[merge] {len(store.units)} work units: {knockout_line(res, df)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from ..report import build_report, run_status
     from ..rundir import read_manifest
@@ -407,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p, n_syn)
         for o in opts:
             o(p)
+        if name == "knockout":
+            p.add_argument("--shard", default=None, metavar="I/N",
+                           help="run only part I of N (0 <= I < N) of the sweep's work units, e.g. one task of a "
+                                "Slurm job array (--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); every part "
+                                "uses the same --out, and the part that completes the set writes the tables (or "
+                                "run `modality-circuits merge DIR`)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("train-toy", help="train the toy MLLM from scratch and write its model card",
@@ -464,6 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="cache directory (default: $MC_CACHE_DIR or ~/.cache/modality_circuits)")
     p.set_defaults(func=cmd_fetch_base)
+
+    p = sub.add_parser("merge", help="combine the work units of a sharded knockout run into its tables",
+                       description="Combine the work units of a sharded `knockout --shard I/N` run (units/knockout/) "
+                                   "into knockout.csv, knockout_summary.csv and knockout_stability.csv, and mark the "
+                                   "stage done; names the missing units if a shard has not finished. Idempotent.")
+    p.add_argument("results", metavar="RUN_DIR", help="the --out directory the shards wrote into")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("report", help="rebuild the HTML report from a results directory",
                        description="Rebuild the self-contained HTML report from a results directory.")

@@ -92,6 +92,7 @@ class Run:
         arguments = _jsonable({k: v for k, v in vars(args).items() if k != "func"})
         config = run_config(command, arguments)
         resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
+        resume = resume or bool(getattr(args, "shard", None))  # shards of one run share its directory
         latest = Path("runs") / command / "latest"
         if args.out:
             self.out = Path(args.out)
@@ -152,7 +153,7 @@ class Run:
             raise
         dt = time.time() - t
         self.timings[name] = round(dt, 2)
-        self.stages[name] = {"status": "done", "seconds": round(dt, 2)}
+        self.stages[name] = {"status": info.get("status", "done"), "seconds": round(dt, 2)}
         self.say(f"[{name}] {info.get('summary', 'done')} ({dt:.1f} s)")
         self.write_manifest()
 

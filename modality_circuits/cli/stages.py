@@ -101,45 +101,68 @@ def variant_knockouts(model: HookedMLLM, conflict: list, edges: list, variants: 
     return pd.concat(parts, ignore_index=True)
 
 
-def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
+def knockout_tables(write_csv: Any, df: Any, edges: list, seed: int) -> dict:
+    """Write ``knockout.csv``, ``knockout_summary.csv`` (bootstrap CIs) and ``knockout_stability.csv`` (data-ratio
+    control, no forward passes) with ``write_csv(frame, name)``; returns the run's ``results["knockout"]``."""
     from ..stats import summarize
-    from ..sweeps.knockout import DEFAULT_EDGES, knockout_sweep
     from ..sweeps.stability import subset_stability
+
+    write_csv(df, "knockout.csv")
+    s = summarize(df, "delta", ["condition", "edge", "layer"])
+    write_csv(s, "knockout_summary.csv")
+    worst = {}
+    for cond, g in s.groupby("condition"):
+        r = g.loc[g["mean"].idxmin()]
+        worst[cond] = {"edge": r["edge"], "layer": int(r["layer"]), "mean_delta": round(float(r["mean"]), 4)}
+    st = subset_stability(df, seed=seed)
+    write_csv(st, "knockout_stability.csv")
+    return {"n_rows": len(df), "edges": [f"{a}↛{b}" for a, b in edges], "largest_drop": worst,
+            "stability_median_r": {f"{f:g}": round(float(v), 4)
+                                   for f, v in st.groupby("fraction")["pearson_r"].median().items()}}
+
+
+def knockout_line(res: dict, df: Any) -> str:
+    return (f"{len(res['edges'])} edges × {df['layer'].nunique()} layers × {df['sample_id'].nunique()} samples; "
+            "largest drop: " + "; ".join(f"{c}: {w['edge']} @ layer {w['layer']} ({100 * w['mean_delta']:+.1f}%)"
+                                         for c, w in res["largest_drop"].items()))
+
+
+def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.Namespace) -> Any:
+    """The knockout sweep as work units under ``units/knockout`` (an interrupted stage resumes unit by unit;
+    ``--shard I/N`` runs one part, and the shard that completes the set, or ``merge``, writes the tables)."""
+    from ..sweeps.knockout import DEFAULT_EDGES, knockout_sweep
+    from ..sweeps.units import parse_shard
 
     if run.skip("knockout"):
         return None
+    shard = parse_shard(getattr(args, "shard", None))
     with run.stage("knockout") as info:
         variants = parse_variants(getattr(args, "variants", None))  # checked before the sweep, not after it
         if getattr(args, "variant_every", None) is not None and args.variant_every < 1:
             raise ModalityCircuitsError(f"--variant-every must be >= 1, got {args.variant_every}.")
         if getattr(args, "variant_n", None) is not None and args.variant_n < 0:
             raise ModalityCircuitsError(f"--variant-n must be >= 0 (0: all samples), got {args.variant_n}.")
+        if shard[1] > 1 and variants:
+            logger.warning("--shard: the prompt-variant reruns (--variants) are not sharded and are skipped; run "
+                           "them in a knockout run of their own")
+            variants = []
         edges = with_random_controls(parse_edges(args.edges) or list(DEFAULT_EDGES),
                                      getattr(args, "random_sets", None) or 0)
         df = knockout_sweep(model, conflict, edges=edges, centers=parse_layers(args.centers, model.cfg.n_layers),
                             window=args.window, window_mode=args.window_mode, batch_size=args.batch_size,
                             first_token=args.first_token, metric=args.metric, progress=not run.quiet,
-                            seed=args.seed)
-        run.csv(df, "knockout.csv")
-        s = summarize(df, "delta", ["condition", "edge", "layer"])
-        run.csv(s, "knockout_summary.csv")
-        worst = {}
-        for cond, g in s.groupby("condition"):
-            r = g.loc[g["mean"].idxmin()]
-            worst[cond] = {"edge": r["edge"], "layer": int(r["layer"]), "mean_delta": round(float(r["mean"]), 4)}
-        run.results["knockout"] = {"n_rows": len(df), "edges": [f"{a}↛{b}" for a, b in edges], "largest_drop": worst}
+                            seed=args.seed, units_dir=run.out / "units" / "knockout", shard=shard)
+        if df is None:  # other shards' units are still missing
+            info["summary"] = (f"shard {shard[0]}/{shard[1]} done; when every shard has run, the last one (or "
+                               f"`modality-circuits merge {run.out}`) writes the tables")
+            info["status"] = "partial"
+            return None
+        run.results["knockout"] = knockout_tables(run.csv, df, edges, args.seed)
         if variants:
             vdf = variant_knockouts(model, conflict, edges, variants, args, progress=not run.quiet, original=df)
             run.csv(vdf, "knockout_variants.csv")
             run.results["knockout"]["variants"] = sorted(set(vdf["variant"]))
-        st = subset_stability(df, seed=args.seed)  # data-ratio control: no forward passes
-        run.csv(st, "knockout_stability.csv")
-        run.results["knockout"]["stability_median_r"] = {
-            f"{f:g}": round(float(v), 4) for f, v in st.groupby("fraction")["pearson_r"].median().items()}
-        info["summary"] = f"{len(edges)} edges × {df['layer'].nunique()} layers × {df['sample_id'].nunique()} " \
-                          "samples; largest drop: " + "; ".join(
-                              f"{c}: {w['edge']} @ layer {w['layer']} ({100 * w['mean_delta']:+.1f}%)"
-                              for c, w in worst.items())
+        info["summary"] = knockout_line(run.results["knockout"], df)
     return df
 
 

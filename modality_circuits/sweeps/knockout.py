@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -29,9 +30,10 @@ from ..engine import CleanRun, baseline, chunked, run
 from ..errors import SpanError
 from ..interventions.core import check_layers, layer_window
 from ..interventions.knockout import Knockout
-from ..metrics import AnswerMetric, Metric, MetricLike, as_metric, iter_batches, relative_change
+from ..metrics import AnswerMetric, Metric, MetricLike, as_metric, relative_change
 from ..prompts import MLLMBatch
 from ..spans import with_random_groups
+from .units import UnitStore, plan_units, run_units
 
 if TYPE_CHECKING:
     from ..models.hooked_mllm import HookedMLLM
@@ -130,7 +132,8 @@ def _sweep_batch(model: HookedMLLM, batch: MLLMBatch, configs: list[dict], metri
 def knockout_sweep(model: HookedMLLM, samples: Sequence[Any], edges: Sequence[tuple[str, str]] = DEFAULT_EDGES,
                    centers: Sequence[int] | None = None, window: int = 1, window_mode: str = "centered",
                    batch_size: int = 16, metric: MetricLike = "p_binary", first_token: bool = False,
-                   max_configs: int = 64, progress: bool = True, seed: int = 0) -> pd.DataFrame:
+                   max_configs: int = 64, progress: bool = True, seed: int = 0, units_dir: str | Path | None = None,
+                   shard: tuple[int, int] | None = None, retries: int = 1) -> pd.DataFrame | None:
     """Run the knockout sweep; one row per (sample, edge, window centre).
 
     Args:
@@ -142,21 +145,39 @@ def knockout_sweep(model: HookedMLLM, samples: Sequence[Any], edges: Sequence[tu
         metric: any :class:`~modality_circuits.metrics.Metric` or name (default: the binary following probability).
         first_token: score first answer tokens only (for a named metric).
         max_configs: configurations per batched forward (rows = ``max_configs × batch_size``).
+        units_dir: make the sweep resumable and shardable (:mod:`modality_circuits.sweeps.units`): one work unit
+            per batch of samples, its rows in ``units_dir/unit-NNNNN.csv``; units already there are skipped.
+        shard: ``(i, N)``: run only units ``i, i + N, …`` (with ``units_dir``); ``retries``: extra attempts of a
+            failed unit.
 
     Returns:
         Columns ``sample_id, condition, task, kind, edge, src, dst, layer (the centre), layers, metric, base,
         value, delta`` with ``delta = (value − base) / base``; for a named answer metric also ``p_follow_base,
         p_follow, p_follow_delta, p_outside_base, p_outside`` (the unconstrained variant, same forward). Aggregate with
-        :func:`modality_circuits.stats.summarize` (mean and bootstrap 95% CI).
+        :func:`modality_circuits.stats.summarize` (mean and bootstrap 95% CI). With ``units_dir``: the merged
+        table once every unit is done (the same rows as without it), None while other shards' units are missing.
     """
     met = as_metric(metric, first_token=first_token)
     centers = check_layers(model, list(range(model.cfg.n_layers)) if centers is None else centers)
     configs = _configs(model.cfg.n_layers, centers, edges, window, window_mode)
-    rows: list[dict] = []
-    for _, batch in tqdm(list(iter_batches(model, samples, batch_size, progress=False)), desc="knockout sweep",
-                         disable=not progress):
+
+    def rows_of(chunk: Sequence[Any]) -> list[dict]:
+        batch = model.prepare(list(chunk))
         batch.spans = with_random_groups(batch.spans, [g for e in edges for g in e], [s.id for s in batch.samples],
                                          seed)
         _check_groups(batch, edges)
-        rows.extend(_sweep_batch(model, batch, configs, met, max_configs))
-    return pd.DataFrame(rows)
+        return _sweep_batch(model, batch, configs, met, max_configs)
+
+    if units_dir is None:
+        chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+        return pd.DataFrame([r for c in tqdm(chunks, desc="knockout sweep", disable=not progress) for r in rows_of(c)])
+    by_id = {str(s.id): s for s in samples}
+    params = {"sweep": "knockout", "edges": [list(e) for e in edges], "centers": list(centers), "window": window,
+              "window_mode": window_mode, "metric": met.name, "seed": seed}
+    store = UnitStore(units_dir, plan_units([s.id for s in samples], batch_size), params)
+    def work(unit: Any) -> pd.DataFrame:
+        chunk = [by_id[i] for i in unit.sample_ids]
+        return pd.DataFrame([r for i in range(0, len(chunk), batch_size) for r in rows_of(chunk[i:i + batch_size])])
+
+    run_units(store, work, shard or (0, 1), retries, progress, desc="knockout sweep")
+    return None if store.missing() else store.merge()

@@ -122,3 +122,27 @@ def test_default_directories_and_os_errors(toy: str, tmp_path: Path, monkeypatch
     m = json.loads((tmp_path / "full" / "manifest.json").read_text())
     assert m["stages"]["knockout"]["status"] == "failed" and "No space left" in m["stages"]["knockout"]["error"]
     assert not os.path.exists(tmp_path / "full" / "knockout.csv")
+
+
+def test_sharded_knockout_merges_to_the_single_run(toy: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ko = ["--batch-size", "2", *KO]  # 4 samples: 2 work units; KO ends with --quiet
+    single, sharded, half = tmp_path / "single", tmp_path / "sharded", tmp_path / "half"
+    assert run(["knockout", "--model", toy, "--out", str(single), *ko], capsys)[0] == 0
+    rc, out, _ = run(["knockout", "--model", toy, "--out", str(sharded), *ko[:-1], "--shard", "0/2"], capsys)
+    assert rc == 0 and "shard 0/2 done" in out and not (sharded / "knockout.csv").exists()
+    assert json.loads((sharded / "manifest.json").read_text())["stages"]["knockout"]["status"] == "partial"
+    assert run(["knockout", "--model", toy, "--out", str(sharded), *ko, "--shard", "1/2"], capsys)[0] == 0
+    want = pd.read_csv(single / "knockout.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(sharded / "knockout.csv"), want)  # the completing shard wrote it
+    rc, out, _ = run(["merge", str(sharded)], capsys)  # idempotent
+    assert rc == 0 and out.startswith("[merge] 2 work units")
+    pd.testing.assert_frame_equal(pd.read_csv(sharded / "knockout.csv"), want)
+    assert json.loads((sharded / "manifest.json").read_text())["stages"]["knockout"]["status"] == "done"
+
+    assert run(["knockout", "--model", toy, "--out", str(half), *ko, "--shard", "1/2"], capsys)[0] == 0
+    rc, _, err = run(["merge", str(half)], capsys)
+    assert rc == 2 and "1 of 2 work units" in err and "unit-00000" in err
+    rc, _, err = run(["merge", str(single.parent / "nowhere")], capsys)
+    assert rc == 2 and "no readable manifest.json" in err
+    rc, _, err = run(["knockout", "--model", toy, "--out", str(half), *ko, "--shard", "2/2"], capsys)
+    assert rc == 2 and "0 <= I < N" in err
