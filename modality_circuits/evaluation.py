@@ -103,8 +103,11 @@ def synthetic_sets(n: int, seed: int = EVAL_SEED, image_size: int = 32, distract
 
 
 def evaluate_model(model: HookedMLLM, n: int = 200, seed: int = EVAL_SEED, batch_size: int = 50, progress: bool = True,
-                   image_size: int | None = None, distractors: int = 0) -> dict:
-    """Accuracies on fresh held-out synthetic sets (``n`` per set): the model card's numbers."""
+                   image_size: int | None = None, distractors: int = 0, frames: bool = False
+                   ) -> dict | tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """Accuracies on fresh held-out synthetic sets (``n`` per set): the model card's numbers. ``frames=True``:
+    ``(summary, per-sample scores, generations)`` as :func:`evaluate_samples` gives them."""
     size = image_size or model.image_encoder.native_image_size or 32
-    ev, _, _ = evaluate_samples(model, synthetic_sets(n, seed, size, distractors), batch_size, progress)
-    return {"n_per_condition": n, "seed": seed, "distractors": distractors, **ev}
+    ev, scores, gen = evaluate_samples(model, synthetic_sets(n, seed, size, distractors), batch_size, progress)
+    ev = {"n_per_condition": n, "seed": seed, "distractors": distractors, **ev}
+    return (ev, scores, gen) if frames else ev

@@ -89,8 +89,10 @@ def _evaluate_synthetic(run: Run, model: Any, args: argparse.Namespace) -> dict:
 
     with run.stage("evaluate") as info:
         seed = EVAL_SEED if args.seed is None else args.seed
-        ev = evaluate_model(model, n=args.n or 200, seed=seed, batch_size=args.batch_size, progress=not run.quiet,
-                            distractors=args.distractors)
+        ev, scores, gen = evaluate_model(model, n=args.n or 200, seed=seed, batch_size=args.batch_size,
+                                         progress=not run.quiet, distractors=args.distractors, frames=True)
+        run.csv(scores, "mfr.csv")
+        run.csv(gen, "generations.csv")  # greedy answers of the conflict samples, classified
         for _k, v in ev.items():
             if isinstance(v, dict) and "accuracy" in v:
                 v.setdefault("n", ev["n_per_condition"])

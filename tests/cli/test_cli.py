@@ -303,6 +303,13 @@ def test_evaluate_synthetic(toy_dir: Path, tmp_path: Path, capsys: pytest.Captur
     for k in ("conflict_follow_image", "conflict_follow_text", "consistent", "image_probe", "text_probe"):
         assert 0 <= ev[k]["accuracy"] <= 1 and ev[k]["n"] == 4 and "failures" in ev[k]
     assert "MFR vision-following" in out and '"conflict_follow_text"' in out
+    scores, gen = pd.read_csv(tmp_path / "mfr.csv"), pd.read_csv(tmp_path / "generations.csv")
+    assert len(scores) == 5 * 4 and len(gen) == 2 * 4  # every sample scored; the conflict ones also generated
+    assert set(gen["outcome"]) <= {"follow", "competitor", "other"}
+    conflict = scores[scores["kind"] == "conflict"]
+    assert set(conflict["sample_id"]) == set(gen["sample_id"])
+    assert (conflict.groupby("follow")["followed"].mean().round(4).to_dict()
+            == {"image": ev["conflict_follow_image"]["accuracy"], "text": ev["conflict_follow_text"]["accuracy"]})
 
 
 def test_distractors_come_from_the_checkpoint_unless_given(toy_dir: Path, tmp_path: Path,
