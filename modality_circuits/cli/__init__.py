@@ -8,13 +8,15 @@
     modality-circuits train-toy --out DIR  # train the toy model, write its model card
     modality-circuits train-smollava --out DIR  # train SmolLLaVA (the default model): delta + model card
     modality-circuits fetch-base           # download + convert the base LM (SmolLM2-135M-Instruct) once
+    modality-circuits merge RUN_DIR        # combine the work units of a sharded knockout run (--shard I/N)
     modality-circuits report RESULTS_DIR   # rebuild the HTML report
 
 Defaults: SmolLLaVA (``--model smollava``: the pretrained SmolLM2-135M-Instruct + the shipped trained delta,
 materialised in the cache on first use; ``--model toy`` is the 6-layer toy) and seeded synthetic data;
 ``--data FILE.json --images COCO_DIR`` analyses a Modality-Following (MC²) file instead. Every command writes
-tidy CSVs, JSON summaries and a ``manifest.json`` (versions, model sha256, seed, arguments, stage timings) to
-``--out``. Same seed, same numbers.
+tidy CSVs, JSON summaries and a ``manifest.json`` (versions, model sha256, seed, arguments, stage status and
+timings) to its own run directory (``--out``, or a new ``runs/<command>/<timestamp>``; see
+:mod:`modality_circuits.rundir`). Same seed, same numbers.
 Bad input exits with status 2 and one ``error: …`` line.
 """
 

@@ -83,7 +83,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_subcommand_exists() -> None:
     assert set(subcommands()) == {"reproduce", "evaluate", "knockout", "contributions", "anchors", "heads",
-                                  "train-toy", "train-smollava", "report", "fetch-base"}
+                                  "train-toy", "train-smollava", "report", "fetch-base", "merge"}
 
 
 @pytest.mark.parametrize("command", sorted(subcommands()))
@@ -98,7 +98,7 @@ def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture
         names = action.option_strings or [action.metavar or action.dest]
         for name in names:
             assert name in out, f"{command} --help does not mention {name}"
-    if command not in ("train-toy", "train-smollava", "report", "fetch-base"):
+    if command not in ("train-toy", "train-smollava", "report", "fetch-base", "merge"):
         for opt in ("--model", "--data", "--images", "--question", "--n", "--seed", "--device", "--dtype", "--out",
                     "--batch-size", "--quiet"):
             assert opt in out, f"{command} lacks the common option {opt}"
@@ -110,7 +110,7 @@ def test_console_script_help() -> None:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr
     for c in ("reproduce", "evaluate", "knockout", "contributions", "anchors", "heads", "train-toy", "train-smollava",
-              "report"):
+              "report", "merge"):
         assert c in p.stdout
 
 
