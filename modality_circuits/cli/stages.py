@@ -153,8 +153,13 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
                             first_token=args.first_token, metric=args.metric, progress=not run.quiet,
                             seed=args.seed, units_dir=run.out / "units" / "knockout", shard=shard)
         if df is None:  # other shards' units are still missing
-            info["summary"] = (f"shard {shard[0]}/{shard[1]} done; when every shard has run, the last one (or "
-                               f"`modality-circuits merge {run.out}`) writes the tables")
+            from ..sweeps.units import UnitStore
+
+            pr = UnitStore.open(run.out / "units" / "knockout").progress()
+            eta = f", about {pr['eta_s']:.0f} s of one worker's time left" if pr["eta_s"] is not None else ""
+            info["summary"] = (f"shard {shard[0]}/{shard[1]} done; {pr['done']} of {pr['total']} units done over all "
+                               f"shards{eta}; the part that completes the set (or `modality-circuits merge "
+                               f"{run.out}`) writes the tables")
             info["status"] = "partial"
             return None
         run.results["knockout"] = knockout_tables(run.csv, df, edges, args.seed)

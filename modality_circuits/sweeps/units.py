@@ -7,7 +7,9 @@ disk or not at all.
 :func:`run_units` runs the units that have no file yet (a rerun after a crash or a pre-emption skips the finished
 ones, and never duplicates a row), optionally only shard ``i`` of ``N`` (units ``i, i + N, …``: one task of a
 Slurm job array, one worker), retrying a failed unit a bounded number of times and then raising an error that names
-it. :meth:`UnitStore.merge` combines the units in plan order once all are there.
+it. Every attempt is one line of ``log.jsonl`` (unit, status, seconds, shard, host, pid, error);
+:meth:`UnitStore.progress` gives units done / total and the remaining work's estimated time.
+:meth:`UnitStore.merge` combines the units in plan order once all are there.
 
 ``plan.json`` records the plan: the sweep's parameters and every unit's sample ids. A rerun with another plan (other
 samples, edges, layers, seed …) refuses instead of mixing results; the same sweep rerun with another batch size
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +39,8 @@ from ..rundir import atomic_write_text, atomic_write_with
 logger = logging.getLogger(__name__)
 
 PLAN = "plan.json"
+#: One JSON line per attempt of a unit (unit, status, seconds, attempt, shard, host, pid, error): the per-unit log.
+LOG = "log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,36 @@ class UnitStore:
     def write(self, unit: WorkUnit, df: pd.DataFrame) -> None:
         atomic_write_with(self.path(unit), lambda p: df.to_parquet(p, index=False))
 
+    def log(self, unit: WorkUnit, status: str, seconds: float, attempt: int, shard: tuple[int, int],
+            error: str | None = None) -> None:
+        """Append one line to ``log.jsonl``: unit, status, seconds, attempt, shard, host and pid (and the error).
+        Each line is one small append, so the parts of a sharded run can share the file."""
+        rec = {"unit": unit.name, "status": status, "seconds": round(seconds, 3), "attempt": attempt,
+               "shard": f"{shard[0]}/{shard[1]}", "host": socket.gethostname(), "pid": os.getpid(),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if error:
+            rec["error"] = error[:500]
+        with open(self.root / LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def progress(self) -> dict[str, Any]:
+        """``{"done", "total", "eta_s"}`` over all shards: the units on disk, and ``eta_s``, the remaining units
+        times the mean seconds of a finished one in ``log.jsonl`` (None before any finished). That is one worker's
+        time: divide by the number of parallel workers for the wall time."""
+        done = len(self.units) - len(self.missing())
+        secs = []
+        if (self.root / LOG).is_file():
+            for line in (self.root / LOG).read_text(encoding="utf-8").splitlines():
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if r.get("status") == "done":
+                    secs.append(float(r["seconds"]))
+        left = len(self.units) - done
+        return {"done": done, "total": len(self.units),
+                "eta_s": round(left * sum(secs) / len(secs), 3) if secs else None}
+
     def merge(self) -> pd.DataFrame:
         """All units' rows in plan order.
 
@@ -153,15 +189,20 @@ def run_units(store: UnitStore, work: Callable[[WorkUnit], pd.DataFrame], shard:
     for unit in tqdm(todo, desc=f"{desc} (shard {i}/{n})" if n > 1 else desc, disable=not progress):
         error = None
         for attempt in range(retries + 1):
+            t = time.time()
             try:
                 store.write(unit, work(unit))
+                store.log(unit, "done", time.time() - t, attempt, shard)
                 error = None
                 break
-            except (KeyboardInterrupt, ModalityCircuitsError):
+            except (KeyboardInterrupt, ModalityCircuitsError) as e:
+                store.log(unit, "interrupted" if isinstance(e, KeyboardInterrupt) else "error", time.time() - t,
+                          attempt, shard, f"{type(e).__name__}: {e}")
                 raise  # an interrupt stops the run; a bad input fails every attempt the same way
             except Exception as e:  # a transient failure (out of memory, a lost device): retry, then report
                 logger.warning("%s: %s failed (attempt %d of %d): %s", desc, unit.name, attempt + 1, retries + 1, e)
                 error = f"{type(e).__name__}: {e}"
+                store.log(unit, "failed", time.time() - t, attempt, shard, error)
         if error is None:
             ran.append(unit.name)
         else:
@@ -174,4 +215,4 @@ def run_units(store: UnitStore, work: Callable[[WorkUnit], pd.DataFrame], shard:
     return {"ran": ran, "skipped": skipped, "seconds": round(time.time() - t0, 2)}
 
 
-__all__ = ["PLAN", "UnitStore", "WorkUnit", "parse_shard", "plan_units", "run_units"]
+__all__ = ["LOG", "PLAN", "UnitStore", "WorkUnit", "parse_shard", "plan_units", "run_units"]

@@ -3,13 +3,15 @@ duplicated; another plan in the same directory is refused; a failing unit is ret
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
 from modality_circuits.data.synthetic import synthetic
 from modality_circuits.errors import ModalityCircuitsError
 from modality_circuits.sweeps.knockout import knockout_sweep
-from modality_circuits.sweeps.units import UnitStore, WorkUnit, parse_shard, plan_units, run_units
+from modality_circuits.sweeps.units import LOG, UnitStore, WorkUnit, parse_shard, plan_units, run_units
 
 EDGES = [("image", "last"), ("random0~instruction", "last")]
 
@@ -71,6 +73,14 @@ def test_a_failing_unit_is_retried_then_named(tmp_path) -> None:
     with pytest.raises(ModalityCircuitsError, match=r"1 work unit\(s\) failed after 2 attempt\(s\) each: unit-00001"):
         run_units(store, work, retries=1, progress=False)
     assert attempts == {"unit-00000": 1, "unit-00001": 2, "unit-00002": 2}  # c recovered on its retry
+    log = [json.loads(x) for x in (tmp_path / LOG).read_text().splitlines()]
+    assert [(r["unit"], r["status"], r["attempt"]) for r in log] == [
+        ("unit-00000", "done", 0), ("unit-00001", "failed", 0), ("unit-00001", "failed", 1),
+        ("unit-00002", "failed", 0), ("unit-00002", "done", 1)]
+    assert log[1]["error"] == "RuntimeError: CUDA error: device lost" and log[0]["shard"] == "0/1"
+    pr = store.progress()
+    assert (pr["done"], pr["total"]) == (2, 3) and pr["eta_s"] == pytest.approx(
+        (log[0]["seconds"] + log[4]["seconds"]) / 2, abs=1e-3)
     assert store.missing() == ["unit-00001"]
     with pytest.raises(ModalityCircuitsError, match="1 of 3 work units .* not done yet: unit-00001"):
         store.merge()
