@@ -431,14 +431,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    for name in ("batch_size", "n_random", "top_heads", "window", "threads", "patch_every"):
+    # checked before any stage runs, so no work is lost
+    for name in ("batch_size", "n_random", "top_heads", "window", "threads", "patch_every", "variant_every"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1 (got {v})", file=sys.stderr)
             return 2
-    if (getattr(args, "n_failed_pool", None) or 0) < 0:  # checked before any stage runs, so no work is lost
-        print(f"error: --n-failed-pool must be >= 0 (got {args.n_failed_pool})", file=sys.stderr)
-        return 2
+    for name in ("n_failed_pool", "variant_n"):
+        v = getattr(args, name, None)
+        if v is not None and v < 0:
+            print(f"error: --{name.replace('_', '-')} must be >= 0 (got {v})", file=sys.stderr)
+            return 2
+    if getattr(args, "shard", None):
+        from ..sweeps.units import parse_shard
+
+        try:
+            parse_shard(args.shard)
+        except ModalityCircuitsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     det = _deterministic_state()
     try:
         return int(args.func(args) or 0)

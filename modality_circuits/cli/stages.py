@@ -138,10 +138,6 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
     shard = parse_shard(getattr(args, "shard", None))
     with run.stage("knockout") as info:
         variants = parse_variants(getattr(args, "variants", None))  # checked before the sweep, not after it
-        if getattr(args, "variant_every", None) is not None and args.variant_every < 1:
-            raise ModalityCircuitsError(f"--variant-every must be >= 1, got {args.variant_every}.")
-        if getattr(args, "variant_n", None) is not None and args.variant_n < 0:
-            raise ModalityCircuitsError(f"--variant-n must be >= 0 (0: all samples), got {args.variant_n}.")
         if shard[1] > 1 and variants:
             logger.warning("--shard: the prompt-variant reruns (--variants) are not sharded and are skipped; run "
                            "them in a knockout run of their own")
