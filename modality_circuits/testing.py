@@ -189,6 +189,26 @@ def tiny_base(folder: Any, seed: int = 0) -> Any:
     return folder
 
 
+class DiesOnce:
+    """Fault injection for executor tests: calls the function ``target`` (``"module:name"``, looked up in the worker),
+    except that the first call in any process (while the file ``marker`` does not exist) creates the marker and
+    kills that process (``os._exit``: a worker lost mid-unit)."""
+
+    def __init__(self, target: str, marker: str):
+        self.target, self.marker = target, marker
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import importlib
+        import os
+        from pathlib import Path
+
+        if not Path(self.marker).exists():
+            Path(self.marker).write_text("died")
+            os._exit(1)
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
 def hf_parity(hf: Any, model: Any, batch: Any, max_new_tokens: int = 6) -> dict[str, Any]:
     """HookedMLLM vs its HF LLaVA on one (padded) batch: the largest absolute logit difference at text positions
     (all a metric or generation reads) and at image positions, and both greedy generations

@@ -19,6 +19,7 @@ All scores are oriented so that **higher = more important for following the inst
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, no_type_check
 
 import numpy as np
@@ -31,9 +32,10 @@ from ..engine import CleanRun, chunked, run
 from ..errors import InterventionError
 from ..interventions.heads import ScaleHeads, mean_z
 from ..lens import _answer_dirs, answer_direction, direct_effect
-from ..metrics import AnswerMetric, iter_batches, relative_change
+from ..metrics import AnswerMetric, relative_change
 from ..prompts import MLLMBatch
 from ..spans import GroupSpec
+from .units import sweep_in_units
 
 if TYPE_CHECKING:
     from ..models.hooked_mllm import HookedMLLM
@@ -151,12 +153,15 @@ def attention_mass_batch(model: HookedMLLM, batch: MLLMBatch, queries: Sequence[
 
 def head_scores(model: HookedMLLM, samples: Sequence[Any], method: str = "ablation", mode: str = "zero",
                 positions: GroupSpec | None = None, batch_size: int = 16, first_token: bool = False,
-                baseline: Tensor | None = None, progress: bool = True) -> pd.DataFrame:
+                baseline: Tensor | None = None, progress: bool = True, units_dir: str | Path | None = None,
+                shard: tuple[int, int] | None = None, retries: int = 1, executor: Any = None
+                ) -> pd.DataFrame | None:
     """Per-sample head scores as a tidy table (``layer, head, sample_id, condition, score``; higher = more important).
 
     Mean ablation (``mode="mean"``) uses one baseline for every batch: ``baseline``, default the mean ``z`` over
     all ``samples`` (:func:`~modality_circuits.interventions.mean_z`), the same definition blocking uses.
-    Aggregate to a ``[layer, head]`` matrix with :func:`score_matrix`.
+    Aggregate to a ``[layer, head]`` matrix with :func:`score_matrix`. ``units_dir`` / ``shard`` / ``executor``:
+    as work units (:func:`~modality_circuits.sweeps.units.sweep_in_units`; None while other shards are missing).
     """
     if method not in METHODS:
         raise InterventionError(f"Unknown head-score method {method!r}; choose from {METHODS}.")
@@ -164,27 +169,38 @@ def head_scores(model: HookedMLLM, samples: Sequence[Any], method: str = "ablati
         raise InterventionError(f"Ablation mode must be 'zero' or 'mean', got {mode!r}.")
     if mode == "mean" and baseline is None and method in ("ablation", "attribution"):
         baseline = mean_z(model, list(samples), batch_size)
+    kwargs = {"method": method, "mode": mode, "positions": positions, "first_token": first_token,
+              "baseline": baseline}
+    params = {"sweep": "head_scores", "method": method, "mode": mode, "positions": positions,
+              "first_token": first_token, "baseline": None if baseline is None else round(float(baseline.sum()), 4)}
+    return sweep_in_units(model, samples, head_score_rows, kwargs, params, units_dir, batch_size, shard, retries,
+                          progress, f"head scores ({method})", executor)
+
+
+def head_score_rows(model: HookedMLLM, chunk: Sequence[Any], *, method: str, mode: str, positions: GroupSpec | None,
+                    first_token: bool, baseline: Tensor | None) -> pd.DataFrame:
+    """One batch's rows of :func:`head_scores` (one work unit)."""
+    batch = model.prepare(list(chunk))
+    extra: dict[str, Tensor] = {}
+    if method == "ablation":
+        r = ablation_scan_batch(model, batch, mode, positions, first_token=first_token, baseline=baseline)
+        score, extra = -r["delta"], {"d_logit": r["d_logit"]}
+    elif method == "attribution":
+        score = -attribution_batch(model, batch, mode, baseline=baseline, positions=positions)
+    elif method == "dla":
+        score = dla_batch(model, batch)
+    else:
+        score = attention_mass_batch(model, batch)
+    L, H, B = score.shape
     rows = []
-    for chunk, batch in iter_batches(model, samples, batch_size, desc=f"head scores ({method})", progress=progress):
-        extra: dict[str, Tensor] = {}
-        if method == "ablation":
-            r = ablation_scan_batch(model, batch, mode, positions, first_token=first_token, baseline=baseline)
-            score, extra = -r["delta"], {"d_logit": r["d_logit"]}
-        elif method == "attribution":
-            score = -attribution_batch(model, batch, mode, baseline=baseline, positions=positions)
-        elif method == "dla":
-            score = dla_batch(model, batch)
-        else:
-            score = attention_mass_batch(model, batch)
-        L, H, B = score.shape
-        for i, s in enumerate(chunk):
-            for layer in range(L):
-                for h in range(H):
-                    row = {"layer": layer, "head": h, "sample_id": s.id, "condition": s.follow, "task": s.task,
-                           "method": method, "score": float(score[layer, h, i])}
-                    for k, v in extra.items():
-                        row[k] = float(v[layer, h, i])
-                    rows.append(row)
+    for i, s in enumerate(chunk):
+        for layer in range(L):
+            for h in range(H):
+                row = {"layer": layer, "head": h, "sample_id": s.id, "condition": s.follow, "task": s.task,
+                       "method": method, "score": float(score[layer, h, i])}
+                for k, v in extra.items():
+                    row[k] = float(v[layer, h, i])
+                rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..engine import CleanRun, baseline, chunked, run
 from ..errors import SpanError
@@ -33,7 +32,7 @@ from ..interventions.knockout import Knockout
 from ..metrics import AnswerMetric, Metric, MetricLike, as_metric, relative_change
 from ..prompts import MLLMBatch
 from ..spans import with_random_groups
-from .units import UnitStore, plan_units, run_units
+from .units import sweep_in_units
 
 if TYPE_CHECKING:
     from ..models.hooked_mllm import HookedMLLM
@@ -133,7 +132,8 @@ def knockout_sweep(model: HookedMLLM, samples: Sequence[Any], edges: Sequence[tu
                    centers: Sequence[int] | None = None, window: int = 1, window_mode: str = "centered",
                    batch_size: int = 16, metric: MetricLike = "p_binary", first_token: bool = False,
                    max_configs: int = 64, progress: bool = True, seed: int = 0, units_dir: str | Path | None = None,
-                   shard: tuple[int, int] | None = None, retries: int = 1) -> pd.DataFrame | None:
+                   shard: tuple[int, int] | None = None, retries: int = 1, executor: Any = None
+                   ) -> pd.DataFrame | None:
     """Run the knockout sweep; one row per (sample, edge, window centre).
 
     Args:
@@ -146,9 +146,11 @@ def knockout_sweep(model: HookedMLLM, samples: Sequence[Any], edges: Sequence[tu
         first_token: score first answer tokens only (for a named metric).
         max_configs: configurations per batched forward (rows = ``max_configs × batch_size``).
         units_dir: make the sweep resumable and shardable (:mod:`modality_circuits.sweeps.units`): one work unit
-            per batch of samples, its rows in ``units_dir/unit-NNNNN.csv``; units already there are skipped.
+            per batch of samples, its rows in ``units_dir/unit-NNNNN.parquet``; units already there are skipped.
         shard: ``(i, N)``: run only units ``i, i + N, …`` (with ``units_dir``); ``retries``: extra attempts of a
             failed unit.
+        executor: where the units run (with ``units_dir``): ``"local"`` (default) or a Ray / Slurm executor
+            (:mod:`modality_circuits.sweeps.executors`).
 
     Returns:
         Columns ``sample_id, condition, task, kind, edge, src, dst, layer (the centre), layers, metric, base,
@@ -160,24 +162,22 @@ def knockout_sweep(model: HookedMLLM, samples: Sequence[Any], edges: Sequence[tu
     met = as_metric(metric, first_token=first_token)
     centers = check_layers(model, list(range(model.cfg.n_layers)) if centers is None else centers)
     configs = _configs(model.cfg.n_layers, centers, edges, window, window_mode)
+    params = {"sweep": "knockout", "edges": [list(e) for e in edges], "centers": list(centers), "window": window,
+              "window_mode": window_mode, "metric": met.name, "seed": seed}
+    kwargs = {"configs": configs, "edges": list(edges), "metric": met, "max_configs": max_configs, "seed": seed,
+              "batch_size": batch_size}
+    return sweep_in_units(model, samples, knockout_rows, kwargs, params, units_dir, batch_size, shard, retries,
+                          progress, "knockout sweep", executor)
 
-    def rows_of(chunk: Sequence[Any]) -> list[dict]:
-        batch = model.prepare(list(chunk))
+
+def knockout_rows(model: HookedMLLM, samples: Sequence[Any], *, configs: list[dict], edges: Sequence[tuple[str, str]],
+                  metric: Metric, max_configs: int, seed: int, batch_size: int) -> pd.DataFrame:
+    """The rows of ``samples`` (one work unit), ``batch_size`` at a time."""
+    rows = []
+    for i in range(0, len(samples), batch_size):
+        batch = model.prepare(list(samples[i:i + batch_size]))
         batch.spans = with_random_groups(batch.spans, [g for e in edges for g in e], [s.id for s in batch.samples],
                                          seed)
         _check_groups(batch, edges)
-        return _sweep_batch(model, batch, configs, met, max_configs)
-
-    if units_dir is None:
-        chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-        return pd.DataFrame([r for c in tqdm(chunks, desc="knockout sweep", disable=not progress) for r in rows_of(c)])
-    by_id = {str(s.id): s for s in samples}
-    params = {"sweep": "knockout", "edges": [list(e) for e in edges], "centers": list(centers), "window": window,
-              "window_mode": window_mode, "metric": met.name, "seed": seed}
-    store = UnitStore(units_dir, plan_units([s.id for s in samples], batch_size), params)
-    def work(unit: Any) -> pd.DataFrame:
-        chunk = [by_id[i] for i in unit.sample_ids]
-        return pd.DataFrame([r for i in range(0, len(chunk), batch_size) for r in rows_of(chunk[i:i + batch_size])])
-
-    run_units(store, work, shard or (0, 1), retries, progress, desc="knockout sweep")
-    return None if store.missing() else store.merge()
+        rows += _sweep_batch(model, batch, configs, metric, max_configs)
+    return pd.DataFrame(rows)

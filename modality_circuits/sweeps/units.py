@@ -126,11 +126,12 @@ class UnitStore:
         atomic_write_with(self.path(unit), lambda p: df.to_parquet(p, index=False))
 
     def log(self, unit: WorkUnit, status: str, seconds: float, attempt: int, shard: tuple[int, int],
-            error: str | None = None) -> None:
+            error: str | None = None, host: str | None = None, pid: int | None = None) -> None:
         """Append one line to ``log.jsonl``: unit, status, seconds, attempt, shard, host and pid (and the error).
-        Each line is one small append, so the parts of a sharded run can share the file."""
+        Each line is one small append, so the parts of a sharded run can share the file. ``host``/``pid``: the
+        worker that computed the unit (default: this process)."""
         rec = {"unit": unit.name, "status": status, "seconds": round(seconds, 3), "attempt": attempt,
-               "shard": f"{shard[0]}/{shard[1]}", "host": socket.gethostname(), "pid": os.getpid(),
+               "shard": f"{shard[0]}/{shard[1]}", "host": host or socket.gethostname(), "pid": pid or os.getpid(),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if error:
             rec["error"] = error[:500]
@@ -215,4 +216,52 @@ def run_units(store: UnitStore, work: Callable[[WorkUnit], pd.DataFrame], shard:
     return {"ran": ran, "skipped": skipped, "seconds": round(time.time() - t0, 2)}
 
 
-__all__ = ["LOG", "PLAN", "UnitStore", "WorkUnit", "parse_shard", "plan_units", "run_units"]
+@dataclass(frozen=True)
+class UnitTask:
+    """What computes any unit of one sweep, picklable (it travels to Ray workers and Slurm jobs):
+    ``fn(model, samples, **kwargs) -> DataFrame``, a module-level function (pickled by reference), its keyword
+    arguments (interventions, metrics, baselines: frozen dataclasses and tensors) and the sweep's samples by id."""
+
+    fn: Callable[..., pd.DataFrame]
+    kwargs: dict[str, Any]
+    samples: dict[str, Any]
+
+    def __call__(self, model: Any, unit: WorkUnit) -> pd.DataFrame:
+        return self.fn(model, [self.samples[i] for i in unit.sample_ids], **self.kwargs)
+
+
+def sweep_in_units(model: Any, samples: Sequence[Any], fn: Callable[..., pd.DataFrame], kwargs: dict[str, Any],
+                   params: dict[str, Any], units_dir: str | Path | None, per_unit: int,
+                   shard: tuple[int, int] | None = None, retries: int = 1, progress: bool = True,
+                   desc: str = "work units", executor: Any = None) -> pd.DataFrame | None:
+    """The one driver every sweep shares: ``fn(model, samples, **kwargs)`` over all ``samples``.
+
+    Without ``units_dir`` (and with the local executor): in this process, ``per_unit`` samples at a time, rows
+    concatenated. With ``units_dir``: as work units of ``per_unit`` samples (their rows in one Parquet file each,
+    ``params`` recorded in ``plan.json``), run by ``executor`` (:mod:`modality_circuits.sweeps.executors`:
+    ``"local"``/None in this process, or a Ray or Slurm executor whose workers load their own model replica).
+
+    Returns:
+        The rows of every sample, in sample order; with ``units_dir``, None while units of other shards (or jobs
+        not waited for) are missing.
+    """
+    from .executors import as_executor
+
+    ex = as_executor(executor)
+    task = UnitTask(fn, kwargs, {str(s.id): s for s in samples})
+    if not samples:
+        return pd.DataFrame()
+    if units_dir is None:
+        if ex.name != "local":
+            raise ModalityCircuitsError(f"The {ex.name} executor writes each work unit's rows to a file: give the "
+                                        "sweep a units_dir (the CLI uses <run>/units/<sweep>).")
+        chunks = [list(samples[i:i + per_unit]) for i in range(0, len(samples), per_unit)]
+        parts = [fn(model, c, **kwargs) for c in tqdm(chunks, desc=desc, disable=not progress or len(chunks) < 2)]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    store = UnitStore(units_dir, plan_units([s.id for s in samples], per_unit), params)
+    ex.run(store, task, model, shard or (0, 1), retries, progress, desc)
+    return None if store.missing() else store.merge()
+
+
+__all__ = ["LOG", "PLAN", "UnitStore", "UnitTask", "WorkUnit", "parse_shard", "plan_units", "run_units",
+           "sweep_in_units"]
