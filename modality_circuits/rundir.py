@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Options that do not change a run's results (or only by floating-point noise): they may differ on ``--resume``.
 RUNTIME_OPTIONS = frozenset({"out", "quiet", "threads", "device", "batch_size", "overwrite", "resume", "no_png",
-                             "shard", "func"})
+                             "shard", "func", "executor", "workers", "gpus_per_worker", "cpus_per_worker",
+                             "slurm_partition", "slurm_time", "slurm_cluster"})
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:

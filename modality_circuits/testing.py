@@ -209,6 +209,22 @@ class DiesOnce:
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
+class SlowCalls:
+    """For executor tests: calls the function ``target`` (``"module:name"``) after sleeping ``seconds`` (a unit long
+    enough to be interrupted)."""
+
+    def __init__(self, target: str, seconds: float):
+        self.target, self.seconds = target, seconds
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import importlib
+        import time
+
+        time.sleep(self.seconds)
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
 def hf_parity(hf: Any, model: Any, batch: Any, max_new_tokens: int = 6) -> dict[str, Any]:
     """HookedMLLM vs its HF LLaVA on one (padded) batch: the largest absolute logit difference at text positions
     (all a metric or generation reads) and at image positions, and both greedy generations

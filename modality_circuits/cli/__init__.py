@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModalityCircuitsError
-from .options import _anchor_opts, _common, _head_opts, _knockout_opts
+from .options import _anchor_opts, _common, _head_opts, _knockout_opts, _scale_opts
 from .run import (  # noqa: F401
     DEFAULT_MODEL,
     DTYPES,
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     _knockout_opts(p)
     _anchor_opts(p)
     _head_opts(p)
+    _scale_opts(p)
     p.add_argument("--n-patch", type=int, default=None, metavar="N",
                    help="conflict samples in the patching pairs (instruction flip, image swap; default: 16, 8 on "
                         "models deeper than 8 layers; 0 to skip)")
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p, n_syn)
         for o in opts:
             o(p)
+        if name in ("knockout", "heads"):
+            _scale_opts(p)
         if name == "knockout":
             p.add_argument("--shard", default=None, metavar="I/N",
                            help="run only part I of N (0 <= I < N) of the sweep's work units, e.g. one task of a "
@@ -432,12 +435,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     # checked before any stage runs, so no work is lost
-    for name in ("batch_size", "n_random", "top_heads", "window", "threads", "patch_every", "variant_every"):
+    for name in ("batch_size", "n_random", "top_heads", "window", "threads", "patch_every", "variant_every", "workers",
+                 "slurm_time"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1 (got {v})", file=sys.stderr)
             return 2
-    for name in ("n_failed_pool", "variant_n"):
+    for name in ("n_failed_pool", "variant_n", "gpus_per_worker"):
         v = getattr(args, name, None)
         if v is not None and v < 0:
             print(f"error: --{name.replace('_', '-')} must be >= 0 (got {v})", file=sys.stderr)
@@ -450,6 +454,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ModalityCircuitsError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if getattr(args, "shard", None) and getattr(args, "executor", "local") != "local":
+        print(f"error: --shard and --executor {args.executor} both split the work units: use --shard for a job "
+              "array you submit yourself, or --executor to let the command distribute them", file=sys.stderr)
+        return 2
     det = _deterministic_state()
     try:
         return int(args.func(args) or 0)

@@ -75,6 +75,29 @@ def _knockout_opts(p: argparse.ArgumentParser) -> None:
                         "unconstrained P(following answer), or the log-probability difference")
 
 
+def _scale_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out (the sweeps' work units; results do not depend on these)")
+    g.add_argument("--executor", choices=("local", "ray", "slurm"), default="local",
+                   help="where the work units of the knockout sweep and the head experiment run: this process "
+                        "(default), Ray actors each holding a model replica (pip install '.[ray]'; joins RAY_ADDRESS "
+                        "if set, else starts a local instance), or a Slurm job array via submitit "
+                        "(pip install '.[slurm]'; needs a disk shared with the jobs)")
+    g.add_argument("--workers", type=int, default=None, metavar="W",
+                   help="Ray actors or Slurm array jobs (default: ray: one per GPU with --device cuda, else one per "
+                        "CPU; slurm: 4)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs per Ray actor or Slurm job (default: 1 with --device cuda, else 0)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
+                   help="CPU slots per Ray actor or Slurm job (default: 1)")
+    g.add_argument("--slurm-partition", default=None, metavar="NAME", help="Slurm partition of the job array")
+    g.add_argument("--slurm-time", type=int, default=60, metavar="MIN",
+                   help="time limit of each Slurm job in minutes (default: 60); a job that reaches it is requeued "
+                        "and continues with the units not yet on disk")
+    g.add_argument("--slurm-cluster", choices=("slurm", "local"), default="slurm",
+                   help="'local' runs the job array as local processes through submitit (no Slurm needed; for "
+                        "trying a set-up out)")
+
+
 def _anchor_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument_group("anchors").add_argument(
         "--groups", default="instruction,last", metavar="LIST",

@@ -278,6 +278,40 @@ def load_model(args: argparse.Namespace, run: Run | None = None) -> Any:
     return model
 
 
+_EXECUTORS: dict[int, Any] = {}
+
+
+def executor_for(args: argparse.Namespace) -> Any:
+    """The work-unit executor of ``--executor`` (None: local, in this process with the loaded model); one per
+    command invocation, so Ray's actors and their model replicas serve all of its sweeps."""
+    name = getattr(args, "executor", None) or "local"
+    if name == "local":
+        return None
+    if id(args) not in _EXECUTORS:
+        _EXECUTORS.clear()
+        _EXECUTORS[id(args)] = (args, _build_executor(args, name))  # args kept alive: its id is not reused
+    return _EXECUTORS[id(args)][1]
+
+
+def _build_executor(args: argparse.Namespace, name: str) -> Any:
+    from ..sweeps.executors import ModelSpec, RayExecutor, SlurmExecutor
+
+    cuda = str(args.device).startswith("cuda")
+    gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1 if cuda else 0)
+    spec = ModelSpec(str(resolve_model(args.model)), dtype=args.dtype, device="cuda" if cuda else str(args.device),
+                     threads=args.threads)
+    if name == "ray":
+        return RayExecutor(spec, workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus,
+                           keep_alive=True)  # the replicas serve every sweep of the run (Ray stops at exit)
+    params: dict[str, Any] = {"timeout_min": args.slurm_time, "cpus_per_task": max(1, int(args.cpus_per_worker))}
+    if gpus:
+        params["gpus_per_node"] = int(gpus)
+    if args.slurm_partition:
+        params["slurm_partition"] = args.slurm_partition
+    return SlurmExecutor(spec, workers=args.workers or 4, parameters=params, cluster=args.slurm_cluster,
+                         poll_s=1.0 if args.slurm_cluster == "local" else 10.0)
+
+
 def load_data(args: argparse.Namespace, model: Any, run: Run | None = None) -> tuple[list, list]:
     """(conflict samples, general-ability samples) from ``--data`` (synthetic by default)."""
     from ..data import load_mc2, synthetic

@@ -19,6 +19,7 @@ from .run import (
     HEAD_METHODS,
     Run,
     _csv_list,
+    executor_for,
     parse_edges,
     parse_layers,
     parse_variants,
@@ -74,7 +75,7 @@ def balanced_subset(samples: list, n: int) -> list:
 
 
 def variant_knockouts(model: HookedMLLM, conflict: list, edges: list, variants: list[str], args: argparse.Namespace,
-                      progress: bool, original: Any) -> Any:
+                      progress: bool, original: Any, units: Path | None = None) -> Any:
     """The position control: the edges that touch the instruction or the constraint, rerun on each prompt variant
     (:mod:`modality_circuits.data.variants`) for ``args.variant_n`` samples (:func:`balanced_subset`; 0: all) at
     every ``args.variant_every``-th knockout window centre; one table with a ``variant`` column, the original
@@ -96,7 +97,8 @@ def variant_knockouts(model: HookedMLLM, conflict: list, edges: list, variants: 
     for v in variants:
         d = knockout_sweep(model, apply_variant(usable, v), edges=touched, centers=centers, window=args.window,
                            window_mode=args.window_mode, batch_size=args.batch_size, first_token=args.first_token,
-                           metric=args.metric, progress=progress, seed=args.seed)
+                           metric=args.metric, progress=progress, seed=args.seed,
+                           units_dir=None if units is None else units / f"knockout-{v}", executor=executor_for(args))
         parts.append(d.assign(variant=v))
     return pd.concat(parts, ignore_index=True)
 
@@ -147,7 +149,8 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
         df = knockout_sweep(model, conflict, edges=edges, centers=parse_layers(args.centers, model.cfg.n_layers),
                             window=args.window, window_mode=args.window_mode, batch_size=args.batch_size,
                             first_token=args.first_token, metric=args.metric, progress=not run.quiet,
-                            seed=args.seed, units_dir=run.out / "units" / "knockout", shard=shard)
+                            seed=args.seed, units_dir=run.out / "units" / "knockout", shard=shard,
+                            executor=executor_for(args))
         if df is None:  # other shards' units are still missing
             from ..sweeps.units import UnitStore
 
@@ -160,7 +163,8 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
             return None
         run.results["knockout"] = knockout_tables(run.csv, df, edges, args.seed)
         if variants:
-            vdf = variant_knockouts(model, conflict, edges, variants, args, progress=not run.quiet, original=df)
+            vdf = variant_knockouts(model, conflict, edges, variants, args, progress=not run.quiet, original=df,
+                                    units=run.out / "units")
             run.csv(vdf, "knockout_variants.csv")
             run.results["knockout"]["variants"] = sorted(set(vdf["variant"]))
         info["summary"] = knockout_line(run.results["knockout"], df)
@@ -243,7 +247,8 @@ def stage_heads(run: Run, model: HookedMLLM, conflict: list, general: list, args
         res = heads_experiment(model, conflict, general, pct=args.pct, method=args.method, select_condition=cond,
                                mode=args.mode, alphas=_csv_list(args.alphas, float), n_random=args.n_random,
                                select_frac=args.select_frac, seed=args.seed, batch_size=args.batch_size,
-                               progress=not run.quiet, failed_pool=failed_pool(model, args))
+                               progress=not run.quiet, failed_pool=failed_pool(model, args),
+                               units_dir=run.out / "units" / "heads", executor=executor_for(args))
         sel_ids = set(res.split["selection"])
         sel_samples = [s for s in conflict if s.id in sel_ids]
         tables = [res.scores]
@@ -252,7 +257,8 @@ def stage_heads(run: Run, model: HookedMLLM, conflict: list, general: list, args
                 raise ModalityCircuitsError(f"--heatmap-methods: unknown method {m!r}; choose from {HEAD_METHODS}.")
             if m != args.method:
                 tables.append(head_scores(model, sel_samples, method=m, mode=args.mode, batch_size=args.batch_size,
-                                          progress=not run.quiet))
+                                          progress=not run.quiet, units_dir=run.out / "units" / f"heads-{m}",
+                                          executor=executor_for(args)))
         run.csv(pd.concat(tables, ignore_index=True), "head_scores.csv")
         run.csv(res.table, "heads_table.csv")
         summary = res.summary()

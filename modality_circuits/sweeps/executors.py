@@ -105,12 +105,17 @@ class LocalExecutor:
 
 
 class _RayWorker:
-    """One model replica; runs units and sends their rows back (the driver writes them)."""
+    """One model replica, kept across sweeps; runs units and sends their rows back (the driver writes them)."""
 
-    def __init__(self, spec: ModelSpec, task: UnitTask):
-        self.model, self.task = spec.load(), task
+    def __init__(self, spec: ModelSpec):
+        self.model, self.key, self.task = spec.load(), None, None
 
-    def run(self, unit: WorkUnit) -> tuple[Any, float, str, int]:
+    def run(self, key: str, task_box: list, unit: WorkUnit) -> tuple[Any, float, str, int]:
+        """``task_box``: ``[ObjectRef]`` of the sweep's :class:`UnitTask` (fetched once per sweep, by ``key``)."""
+        if key != self.key:
+            import ray
+
+            self.task, self.key = ray.get(task_box[0]), key
         t = time.time()
         return self.task(self.model, unit), time.time() - t, socket.gethostname(), os.getpid()
 
@@ -129,7 +134,9 @@ class RayExecutor:
             own device).
         workers: number of actors (default: one per GPU when ``gpus_per_worker > 0``, else the cluster's CPUs
             divided by ``cpus_per_worker``).
-        address: an existing cluster (default ``RAY_ADDRESS``; neither: a local instance, shut down afterwards).
+        address: an existing cluster (default ``RAY_ADDRESS``; neither: a local instance).
+        keep_alive: keep the actors (and their loaded replicas) for the next sweep run by this executor, until
+            :meth:`close` (or the end of a ``with`` block, or of the process); False: close after every sweep.
     """
 
     model: ModelSpec
@@ -137,7 +144,10 @@ class RayExecutor:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     address: str | None = None
+    keep_alive: bool = False
     name: str = field(default="ray", init=False)
+    _actors: list = field(default_factory=list, init=False, repr=False)
+    _started: bool = field(default=False, init=False, repr=False)
 
     def _n_workers(self, ray: Any) -> int:
         if self.workers:
@@ -147,39 +157,62 @@ class RayExecutor:
             return max(1, int(res.get("GPU", 0) // self.gpus_per_worker))
         return max(1, int(res.get("CPU", 1) // self.cpus_per_worker))
 
-    def run(self, store: UnitStore, task: UnitTask, model: Any, shard: tuple[int, int], retries: int,
-            progress: bool, desc: str) -> dict[str, Any]:
-        ray = _import("ray", "ray")
-        from ray.exceptions import RayActorError, RayTaskError
-
-        started = not ray.is_initialized()
-        if started:
+    def _start(self, ray: Any) -> None:
+        if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS") or None
             kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if address is None and self.workers:
                 kw["num_cpus"] = max(int(os.cpu_count() or 1), int(self.workers * self.cpus_per_worker + 0.999))
             ray.init(address=address, **kw)
+            self._started = True
+
+    def close(self) -> None:
+        """Stop the actors (and the local Ray instance this executor started)."""
+        if self._actors or self._started:
+            import ray
+
+            for a in self._actors:
+                ray.kill(a, no_restart=True)
+            self._actors = []
+            if self._started:
+                ray.shutdown()
+                self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def run(self, store: UnitStore, task: UnitTask, model: Any, shard: tuple[int, int], retries: int,
+            progress: bool, desc: str) -> dict[str, Any]:
+        ray = _import("ray", "ray")
+        from ray.exceptions import RayActorError, RayTaskError
+
         i, n = shard
         mine = [u for u in store.units if u.index % n == i]
         todo = deque(u for u in mine if not store.done(u))
         skipped = [u.name for u in mine if store.done(u)]
-        Worker = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)(_RayWorker)
-        task_ref = ray.put(task)
-        actors: list[Any] = []
         running: dict[Any, tuple[int, WorkUnit, int, float]] = {}  # ref -> (actor slot, unit, attempt, start)
         attempts: dict[str, int] = {}
         ran: list[str] = []
         failed: dict[str, str] = {}
         t0 = time.time()
+        if not todo:
+            return {"ran": ran, "skipped": skipped, "seconds": 0.0}
+        self._start(ray)
+        Worker = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)(_RayWorker)
+        while len(self._actors) < self._n_workers(ray):  # replicas persist across the sweeps of one executor
+            self._actors.append(Worker.remote(self.model))
+        key, box = f"{store.root}:{time.time()}", [ray.put(task)]
         try:
-            n_act = min(self._n_workers(ray), len(todo)) if todo else 0
-            actors = [Worker.remote(self.model, task_ref) for _ in range(n_act)]
-            idle = deque(range(n_act))
-            bar = tqdm(total=len(todo), desc=f"{desc} (ray, {n_act} workers)", disable=not progress)
+            idle = deque(range(min(len(self._actors), len(todo))))
+            bar = tqdm(total=len(todo), desc=f"{desc} (ray, {len(idle)} workers)", disable=not progress)
             while todo or running:
                 while todo and idle:
                     slot, unit = idle.popleft(), todo.popleft()
-                    running[actors[slot].run.remote(unit)] = (slot, unit, attempts.get(unit.name, 0), time.time())
+                    ref = self._actors[slot].run.remote(key, box, unit)
+                    running[ref] = (slot, unit, attempts.get(unit.name, 0), time.time())
                 [ref], _ = ray.wait(list(running), num_returns=1)
                 slot, unit, attempt, start = running.pop(ref)
                 try:
@@ -194,8 +227,8 @@ class RayExecutor:
                     logger.warning("%s: %s failed on a Ray worker (attempt %d of %d): %s", desc, unit.name,
                                    attempt + 1, retries + 1, msg.splitlines()[0])
                     if lost:  # replace the dead actor (a fresh replica)
-                        ray.kill(actors[slot], no_restart=True)
-                        actors[slot] = Worker.remote(self.model, task_ref)
+                        ray.kill(self._actors[slot], no_restart=True)
+                        self._actors[slot] = Worker.remote(self.model)
                     attempts[unit.name] = attempt + 1
                     if attempt < retries:
                         todo.appendleft(unit)
@@ -210,11 +243,11 @@ class RayExecutor:
                 bar.update(1)
                 idle.append(slot)
             bar.close()
-        finally:
-            for a in actors:
-                ray.kill(a, no_restart=True)
-            if started:
-                ray.shutdown()
+        except BaseException:
+            self.close()  # an interrupt or an error: no actor left behind
+            raise
+        if not self.keep_alive:
+            self.close()
         if failed:
             raise ModalityCircuitsError(
                 f"{len(failed)} work unit(s) failed after {retries + 1} attempt(s) each: "
@@ -262,27 +295,40 @@ class SlurmExecutor:
     wait: bool = True
     poll_s: float = 5.0
     name: str = field(default="slurm", init=False)
+    last_jobs: list = field(default_factory=list, init=False, repr=False)  # jobs of the last run(wait=False)
 
     def run(self, store: UnitStore, task: UnitTask, model: Any, shard: tuple[int, int], retries: int,
             progress: bool, desc: str) -> dict[str, Any]:
-        submitit = _import("submitit", "slurm")
         if shard != (0, 1):
             raise ModalityCircuitsError("--shard and the slurm executor both split the units: the executor submits "
                                         "one job per shard itself; drop --shard.")
         if not store.missing():
             return {"ran": [], "skipped": [u.name for u in store.units], "seconds": 0.0, "jobs": []}
-        folder = Path(self.folder or store.root / "slurm")
+        t0 = time.time()
+        jobs = self.submit(store, task, retries, desc)
+        ids = [j.job_id for j in jobs]
+        if self.wait:
+            self.wait_for(store, jobs, progress, desc)
+        else:
+            self.last_jobs = jobs  # for wait_for() later
+        return {"ran": [], "skipped": [], "seconds": round(time.time() - t0, 2), "jobs": ids}
+
+    def submit(self, store: UnitStore, task: UnitTask, retries: int = 1, desc: str = "work units") -> list[Any]:
+        """Submit the array (``min(workers, missing units)`` jobs); returns submitit's jobs."""
+        submitit = _import("submitit", "slurm")
+        folder = self._folder(store)
         ex = submitit.AutoExecutor(folder=folder / "%j", cluster=self.cluster)
         n = max(1, min(self.workers, len(store.missing())))
         ex.update_parameters(name=f"mc-{desc.split()[0]}", slurm_array_parallelism=n, **self.parameters)
-        t0 = time.time()
         jobs = ex.map_array(_SlurmShard(self.model, task, str(store.root), retries, desc), list(range(n)), [n] * n)
-        ids = [j.job_id for j in jobs]
-        logger.info("%s: submitted %d job(s) %s; logs in %s", desc, n, ", ".join(map(str, ids)), folder)
-        if not self.wait:
-            return {"ran": [], "skipped": [], "seconds": 0.0, "jobs": ids}
+        logger.info("%s: submitted %d job(s) %s; logs in %s", desc, n, ", ".join(str(j.job_id) for j in jobs), folder)
+        return jobs
+
+    def wait_for(self, store: UnitStore, jobs: list[Any], progress: bool = True, desc: str = "work units") -> None:
+        """Wait for ``jobs`` (requeued ones included), showing units done over all of them; an error names the
+        jobs that failed."""
         total = len(store.units)
-        bar = tqdm(total=total, initial=total - len(store.missing()), desc=f"{desc} (slurm, {n} jobs)",
+        bar = tqdm(total=total, initial=total - len(store.missing()), desc=f"{desc} (slurm, {len(jobs)} jobs)",
                    disable=not progress)
         while not all(j.done() for j in jobs):
             time.sleep(self.poll_s)
@@ -297,9 +343,12 @@ class SlurmExecutor:
                 errors.append(f"job {j.job_id}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}")
         if errors:
             raise ModalityCircuitsError(
-                f"{len(errors)} of {n} Slurm job(s) failed: " + "; ".join(errors[:4]) + f". Logs: {folder}. The "
-                f"finished units are saved ({total - len(store.missing())} of {total}); rerun to retry the rest.")
-        return {"ran": [], "skipped": [], "seconds": round(time.time() - t0, 2), "jobs": ids}
+                f"{len(errors)} of {len(jobs)} Slurm job(s) failed: " + "; ".join(errors[:4]) + f". Logs: "
+                f"{self._folder(store)}. The finished units are saved ({total - len(store.missing())} of {total}); "
+                "rerun to retry the rest.")
+
+    def _folder(self, store: UnitStore) -> Path:
+        return Path(self.folder or store.root / "slurm")
 
 
 def _import(module: str, extra: str) -> Any:

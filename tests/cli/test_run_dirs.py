@@ -147,3 +147,30 @@ def test_sharded_knockout_merges_to_the_single_run(toy: str, tmp_path: Path, cap
     assert rc == 2 and "no readable manifest.json" in err
     rc, _, err = run(["knockout", "--model", toy, "--out", str(half), *ko, "--shard", "2/2"], capsys)
     assert rc == 2 and "0 <= I < N" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", [["--executor", "ray", "--workers", "2"],
+                                      ["--executor", "slurm", "--slurm-cluster", "local", "--workers", "2"]])
+def test_executors_from_the_command_line_give_the_local_tables(toy: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture,
+                                                               executor: list[str]) -> None:
+    pytest.importorskip(executor[1] if executor[1] == "ray" else "submitit")
+    with_heads = executor[1] == "ray"  # the Slurm array's processes start slowly: the knockout sweep only
+    tables = {}
+    for name, extra in (("local", []), ("dist", executor)):
+        d = tmp_path / name
+        assert run(["knockout", "--model", toy, "--out", str(d), *KO, *extra], capsys)[0] == 0
+        files = ["knockout.csv"]
+        if with_heads:
+            heads = [a for a in TINY if a != "--no-png"]
+            assert run(["heads", "--model", toy, "--out", str(d / "heads"), *heads, *extra], capsys)[0] == 0
+            files += ["heads/head_scores.csv", "heads/heads_table.csv"]
+            assert (d / "heads" / "units" / "heads" / "amplify").is_dir()
+        tables[name] = {f: pd.read_csv(d / f) for f in files}
+        assert (d / "units" / "knockout" / "plan.json").is_file()
+    for f, df in tables["local"].items():
+        pd.testing.assert_frame_equal(tables["dist"][f], df)
+    rc, _, err = run(["knockout", "--model", toy, "--out", str(tmp_path / "x"), *KO, *executor, "--shard", "0/2"],
+                     capsys)
+    assert rc == 2 and "both split the work units" in err and not (tmp_path / "x").exists()

@@ -18,7 +18,7 @@ from modality_circuits.resources import toy_model_path
 from modality_circuits.sweeps.executors import LocalExecutor, ModelSpec, RayExecutor, SlurmExecutor, make_executor
 from modality_circuits.sweeps.knockout import knockout_sweep
 from modality_circuits.sweeps.units import LOG
-from modality_circuits.testing import DiesOnce
+from modality_circuits.testing import DiesOnce, SlowCalls
 
 EDGES = [("image", "last"), ("instruction", "last"), ("random0~instruction", "last")]
 KW = dict(edges=EDGES, centers=[1, 4], batch_size=3, progress=False, seed=2)
@@ -74,6 +74,31 @@ def test_ray_two_workers_equals_one_process_and_survives_a_killed_worker(
     assert len({r["pid"] for r in done}) >= 2 and os.getpid() not in {r["pid"] for r in done}
 
 
+def test_ray_driver_interrupted_then_resumed(toy: HookedMLLM, samples: list, whole: pd.DataFrame, tmp_path: Path,
+                                            monkeypatch) -> None:
+    ray = pytest.importorskip("ray")
+    from modality_circuits.sweeps.units import UnitStore
+
+    d, real, writes = tmp_path / "units", UnitStore.write, []
+
+    def interrupted_on_second(self, unit, df):  # noqa: ANN001, ANN202
+        writes.append(unit.name)
+        if len(writes) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the driver while the workers compute
+        real(self, unit, df)
+
+    monkeypatch.setattr(UnitStore, "write", interrupted_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        knockout_sweep(toy, samples, units_dir=d, executor=RayExecutor(SPEC, workers=2), **KW)
+    assert not ray.is_initialized()  # no actor or local instance left behind
+    monkeypatch.setattr(UnitStore, "write", real)
+    assert len(list(d.glob("unit-*.parquet"))) == 1 and not list(d.glob(".*"))
+    got = knockout_sweep(toy, samples, units_dir=d, executor=RayExecutor(SPEC, workers=2), **KW)
+    pd.testing.assert_frame_equal(got, whole)
+    done = [r["unit"] for r in _log(d) if r["status"] == "done"]
+    assert sorted(done) == [f"unit-0000{i}" for i in range(4)]  # the first unit was not run again
+
+
 def test_submitit_local_array_equals_one_process(toy: HookedMLLM, samples: list, whole: pd.DataFrame,
                                                  tmp_path: Path) -> None:
     pytest.importorskip("submitit")
@@ -89,3 +114,32 @@ def test_submitit_local_array_equals_one_process(toy: HookedMLLM, samples: list,
     assert (d / "slurm").is_dir()
     with pytest.raises(ModalityCircuitsError, match="drop --shard"):
         knockout_sweep(toy, samples, units_dir=tmp_path / "u2", executor=slurm, shard=(0, 2), **KW)
+
+
+def test_a_preempted_slurm_job_is_requeued_and_finishes_the_units(toy: HookedMLLM, samples: list,
+                                                                  whole: pd.DataFrame, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    submitit = pytest.importorskip("submitit")
+    import time
+
+    from modality_circuits.sweeps.units import UnitStore
+
+    monkeypatch.setattr("modality_circuits.sweeps.knockout.knockout_rows",
+                        SlowCalls("modality_circuits.sweeps.knockout:knockout_rows", 1.0))
+    d = tmp_path / "units"
+    slurm = SlurmExecutor(SPEC, workers=1, cluster="local", poll_s=0.2, wait=False, parameters={"timeout_min": 10})
+    assert knockout_sweep(toy, samples, units_dir=d, executor=slurm, **KW) is None  # submitted, not waited for
+    store = UnitStore.open(d)
+    (job,) = slurm.last_jobs
+    slurm.last_jobs.clear()  # submitit's job objects must not outlive the test (their __del__ at exit is noisy)
+    deadline = time.time() + 120
+    while len(store.missing()) > 3 and time.time() < deadline:  # the first unit is on disk
+        time.sleep(0.2)
+    # pre-emption as Slurm signals it, to the job's task process: submitit calls checkpoint() and requeues the shard
+    os.kill(_log(d)[0]["pid"], submitit.JobEnvironment._usr_sig())
+    slurm.wait_for(store, [job], progress=False)
+    pd.testing.assert_frame_equal(store.merge(), whole)
+    done = [r for r in _log(d) if r["status"] == "done"]
+    assert sorted(r["unit"] for r in done) == [f"unit-0000{i}" for i in range(4)]  # none run twice
+    assert len({r["pid"] for r in done}) == 2  # the requeued process finished the rest
+    del job
