@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import pytest
 
 from modality_circuits.data.synthetic import synthetic
@@ -36,3 +37,16 @@ def test_evaluate_samples_reports_the_ratio_only_with_conflicts(circuit_model):
     assert "no_instruction" not in ev
     ev, _, _ = evaluate_samples(circuit_model, conflict, batch_size=4, progress=False, no_instruction=False)
     assert "no_instruction" not in ev
+
+
+def test_evaluation_as_work_units_equals_one_pass(circuit_model, tmp_path):
+    from modality_circuits.data.synthetic import synthetic
+
+    samples = synthetic(6, seed=2, kind="conflict") + synthetic(3, seed=3, kind="image_probe")
+    ev, scores, gen = evaluate_samples(circuit_model, samples, batch_size=4, progress=False)
+    d = tmp_path / "mfr"
+    ev_u, scores_u, gen_u = evaluate_samples(circuit_model, samples, batch_size=4, progress=False, units_dir=d)
+    assert ev_u == ev and len(list(d.glob("unit-*.parquet"))) == 3
+    pd.testing.assert_frame_equal(scores_u, scores)
+    pd.testing.assert_frame_equal(gen_u, gen)
+    assert list(gen["sample_id"]) == [s.id for s in samples[:6]] and ev["no_instruction"]["n"] == 6

@@ -39,7 +39,8 @@ def stage_evaluate(run: Run, model: HookedMLLM, conflict: list, general: list, a
     if run.skip("mfr"):
         return run.results.get("evaluate", {})
     with run.stage("mfr") as info:
-        ev, df, gen = evaluate_samples(model, conflict + general, batch_size=args.batch_size, progress=not run.quiet)
+        ev, df, gen = evaluate_samples(model, conflict + general, batch_size=args.batch_size, progress=not run.quiet,
+                                       units_dir=run.out / "units" / "mfr", executor=executor_for(args))
         run.csv(df, "mfr.csv")
         run.csv(gen, "generations.csv")
         run.json(ev, "evaluate.json")
@@ -351,9 +352,8 @@ def stage_patching(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
 
     Writes ``patching_flip.csv`` (layer × group, 1 = clean restored) and ``path_patching.csv``.
     """
-    import pandas as pd
 
-    from ..patching import GroupResid, ResidAt, image_swap, instruction_flip, patch_resid_pre, path_patch
+    from ..patching.units import flip_patching, image_path_patching
 
     n = int(getattr(args, "n_patch", 0) or 0)
     if n <= 0 or run.skip("patching"):
@@ -363,20 +363,14 @@ def stage_patching(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
         half = max(1, n // 2)
         picked = [s for s in usable if s.follow == "image"][:half] + [s for s in usable if s.follow == "text"][:half]
         every = getattr(args, "patch_every", None) or 1
-        flip = patch_resid_pre(model, instruction_flip(model, picked), by="group",
-                               layers=range(0, model.cfg.n_layers, every)).to_frame()
+        ex, units = executor_for(args), run.out / "units"
+        flip = flip_patching(model, picked, range(0, model.cfg.n_layers, every), per_unit=None if ex is None else 1,
+                             units_dir=units / "patching-flip", executor=ex)
         flip["pair"] = "instruction_flip"
         run.csv(flip, "patching_flip.csv")
-        rows = []
         vs, ds = _image_donors(usable[: 4 * n])
-        if vs:
-            pair = image_swap(model, vs[:n], ds[:n])
-            for layer in range(1, model.cfg.n_layers + 1, every):
-                for g in ("instruction", "last"):
-                    r = path_patch(model, pair, GroupResid("image", 0), ResidAt(g, layer))
-                    rows.append({"sender": "image@0", "receiver": g, "layer": layer, "value": float(r.values),
-                                 "effect": float(r.effect), "n": len(pair)})
-        path = pd.DataFrame(rows, columns=["sender", "receiver", "layer", "value", "effect", "n"])
+        path = image_path_patching(model, vs[:n], ds[:n], range(1, model.cfg.n_layers + 1, every),
+                                   units_dir=units / "patching-path", executor=ex)
         run.csv(path, "path_patching.csv")
         top = flip.loc[flip["value"].idxmax()] if len(flip) else None
         run.results["patching"] = {

@@ -155,22 +155,28 @@ def test_sharded_knockout_merges_to_the_single_run(toy: str, tmp_path: Path, cap
 def test_executors_from_the_command_line_give_the_local_tables(toy: str, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture,
                                                                executor: list[str]) -> None:
+    """Ray: the whole reproduce (MFR, knockout, variant reruns, head scores, blocking/amplification, patching as
+    work units on 2 actors) writes the same tables as a local run. Slurm (submitit's local array): the knockout
+    sweep (its processes start slowly)."""
     pytest.importorskip(executor[1] if executor[1] == "ray" else "submitit")
-    with_heads = executor[1] == "ray"  # the Slurm array's processes start slowly: the knockout sweep only
+    whole = executor[1] == "ray"
+    argv = (["reproduce", *TINY, "--n", "16", "--n-patch", "4", "--edges", "image->last,instruction->last",
+             "--variants", "instruction_after_question", "--random-sets", "0"] if whole else ["knockout", *KO])
     tables = {}
     for name, extra in (("local", []), ("dist", executor)):
         d = tmp_path / name
-        assert run(["knockout", "--model", toy, "--out", str(d), *KO, *extra], capsys)[0] == 0
-        files = ["knockout.csv"]
-        if with_heads:
-            heads = [a for a in TINY if a != "--no-png"]
-            assert run(["heads", "--model", toy, "--out", str(d / "heads"), *heads, *extra], capsys)[0] == 0
-            files += ["heads/head_scores.csv", "heads/heads_table.csv"]
-            assert (d / "heads" / "units" / "heads" / "amplify").is_dir()
-        tables[name] = {f: pd.read_csv(d / f) for f in files}
+        assert run([*argv, "--model", toy, "--out", str(d), *extra], capsys)[0] == 0
+        tables[name] = {p.name: pd.read_csv(p) for p in sorted(d.glob("*.csv"))}
         assert (d / "units" / "knockout" / "plan.json").is_file()
+    assert tables["dist"].keys() == tables["local"].keys()
+    if whole:
+        assert {"mfr.csv", "heads_table.csv", "patching_flip.csv", "path_patching.csv",
+                "knockout_variants.csv"} <= set(tables["local"])
+        units = {p.name for p in (tmp_path / "dist" / "units").iterdir()}
+        assert {"mfr", "knockout", "knockout-instruction_after_question", "heads", "patching-flip",
+                "patching-path"} <= units
     for f, df in tables["local"].items():
-        pd.testing.assert_frame_equal(tables["dist"][f], df)
+        pd.testing.assert_frame_equal(tables["dist"][f], df, obj=f)
     rc, _, err = run(["knockout", "--model", toy, "--out", str(tmp_path / "x"), *KO, *executor, "--shard", "0/2"],
                      capsys)
     assert rc == 2 and "both split the work units" in err and not (tmp_path / "x").exists()
