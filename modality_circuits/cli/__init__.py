@@ -474,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     finally:  # main() may run inside another program (tests, notebooks): leave torch's global mode as it was
+        from .run import close_executors
+
+        close_executors()  # no Ray actor or instance outlives the command
         if det is not None:
             import torch
 

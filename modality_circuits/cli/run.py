@@ -293,6 +293,15 @@ def executor_for(args: argparse.Namespace) -> Any:
     return _EXECUTORS[id(args)][1]
 
 
+def close_executors() -> None:
+    """Stop the command's executor (Ray actors, and a local Ray instance it started); main() calls it at the end."""
+    for _, ex in _EXECUTORS.values():
+        close = getattr(ex, "close", None)
+        if close is not None:
+            close()
+    _EXECUTORS.clear()
+
+
 def _build_executor(args: argparse.Namespace, name: str) -> Any:
     from ..sweeps.executors import ModelSpec, RayExecutor, SlurmExecutor
 

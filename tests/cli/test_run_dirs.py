@@ -177,6 +177,10 @@ def test_executors_from_the_command_line_give_the_local_tables(toy: str, tmp_pat
                 "patching-path"} <= units
     for f, df in tables["local"].items():
         pd.testing.assert_frame_equal(tables["dist"][f], df, obj=f)
+    if whole:
+        import ray
+
+        assert not ray.is_initialized()  # the command stopped its actors and the local instance it started
     rc, _, err = run(["knockout", "--model", toy, "--out", str(tmp_path / "x"), *KO, *executor, "--shard", "0/2"],
                      capsys)
     assert rc == 2 and "both split the work units" in err and not (tmp_path / "x").exists()

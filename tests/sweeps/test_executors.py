@@ -88,9 +88,11 @@ def test_ray_driver_interrupted_then_resumed(toy: HookedMLLM, samples: list, who
         real(self, unit, df)
 
     monkeypatch.setattr(UnitStore, "write", interrupted_on_second)
+    was_running = ray.is_initialized()
+    ex = RayExecutor(SPEC, workers=2)
     with pytest.raises(KeyboardInterrupt):
-        knockout_sweep(toy, samples, units_dir=d, executor=RayExecutor(SPEC, workers=2), **KW)
-    assert not ray.is_initialized()  # no actor or local instance left behind
+        knockout_sweep(toy, samples, units_dir=d, executor=ex, **KW)
+    assert not ex._actors and ray.is_initialized() == was_running  # no actor, nor an instance it started, is left
     monkeypatch.setattr(UnitStore, "write", real)
     assert len(list(d.glob("unit-*.parquet"))) == 1 and not list(d.glob(".*"))
     got = knockout_sweep(toy, samples, units_dir=d, executor=RayExecutor(SPEC, workers=2), **KW)
