@@ -217,7 +217,8 @@ def build_batch(
         tokenizer: a *fast* HF tokenizer (offsets are needed) that knows ``image_token``.
         template: the chat layout.
         image_token: the placeholder string of one image token (e.g. ``"<image>"``).
-        encode_images: images -> (model inputs such as ``pixel_values``, token count of each image).
+        encode_images: images -> (model inputs such as ``pixel_values``, token count of each image: an int, or
+            for tiled images ``[(name, count), …]`` per tile, recorded as groups ``image.N.<name>``).
         samples: optional source samples carried on the batch.
     """
     if not getattr(tokenizer, "is_fast", False):
@@ -238,7 +239,11 @@ def build_batch(
         n_images = 0
         for seg in rendered:
             if seg.is_image:
-                pieces.append((f"{IMAGE}.{n_images}", image_token * n_tok[img_k]))
+                count = n_tok[img_k]
+                if isinstance(count, (int, np.integer)):
+                    pieces.append((f"{IMAGE}.{n_images}", image_token * int(count)))
+                else:  # tiles: (name, tokens) pairs -> groups image.N.<name>, and image.N for all of them
+                    pieces += [(f"{IMAGE}.{n_images}.{sub}", image_token * int(c)) for sub, c in count]
                 img_k += 1
                 n_images += 1
             else:
@@ -285,6 +290,12 @@ def build_batch(
         for j, g in enumerate(groups):
             masks[g][i, off + j] = True
     img_names = [n for n in names if n.startswith(IMAGE + ".")]
+    for n in img_names:  # image.N.<tile> -> also image.N
+        whole = ".".join(n.split(".")[:2])
+        if whole != n:
+            if whole not in masks:
+                masks[whole] = torch.zeros((B, L), dtype=torch.bool)
+            masks[whole] |= masks[n]
     if img_names:
         masks[IMAGE] = torch.stack([masks[n] for n in img_names]).any(0)
     masks["last"] = torch.zeros((B, L), dtype=torch.bool)

@@ -149,6 +149,45 @@ def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_mod
     return model.eval()
 
 
+INTERNVL_SPECIALS = ("<img>", "</img>", "<|im_start|>", "<|im_end|>")
+
+
+def tiny_internvl_tokenizer(corpus: Sequence[str] | str = DEFAULT_CORPUS, vocab_size: int = 300) -> Any:
+    """A tiny fast tokenizer with InternVL's image tokens (``<IMG_CONTEXT>`` as the image token, ``<img>``,
+    ``</img>``) and ChatML's."""
+    return tiny_bpe_tokenizer(corpus, vocab_size, image_token="<IMG_CONTEXT>", extra_specials=INTERNVL_SPECIALS)
+
+
+def tiny_internvl(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
+                  d_mlp: int = 128, image_size: int = 32, patch_size: int = 4, vision_layers: int = 2,
+                  d_vision: int = 32, vision_feature_layer: int = -1, use_qk_norm: bool = False, seed: int = 0
+                  ) -> Any:
+    """A random ``InternVLForConditionalGeneration`` (InternViT + pixel shuffle 0.5 + MLP projector + Qwen2
+    decoder; eager attention, fp32): ``(image_size / patch_size / 2)²`` tokens per tile."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
+                       num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                       max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    vision = InternVLVisionConfig(hidden_size=d_vision, num_hidden_layers=vision_layers, num_attention_heads=4,
+                                  intermediate_size=2 * d_vision, image_size=[image_size, image_size],
+                                  patch_size=[patch_size, patch_size], use_qk_norm=use_qk_norm)
+    cfg = InternVLConfig(vision_config=vision, text_config=text,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                         vision_feature_layer=vision_feature_layer, downsample_ratio=0.5, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(cfg)
+    with torch.no_grad():  # widen the random init so that differences show up in tests
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
 def tiny_toy_checkpoint(path: Any, seed: int = 0) -> Any:
     """A random 2-layer toy LLaVA saved in the shipped toy model's format (word-level tokenizer, prompt layout)."""
     from .toy.model import ToyConfig, save_checkpoint, toy_llava, word_level_tokenizer

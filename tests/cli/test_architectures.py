@@ -1,5 +1,5 @@
-"""``reproduce`` runs every stage end to end on tiny Qwen2-VL and Qwen2.5-VL checkpoints (the LLaVA path is
-covered by test_cli.py), and the attention-over-image view follows each architecture's own patch grid."""
+"""``reproduce`` runs every stage end to end on tiny Qwen2-VL, Qwen2.5-VL and InternVL checkpoints (the LLaVA path
+is covered by test_cli.py), and the attention-over-image view follows each architecture's own patch grid."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import pytest
 
 from modality_circuits import HookedMLLM, Segment, cli
 from modality_circuits.data import synthetic
-from modality_circuits.testing import DEFAULT_CORPUS, random_images, tiny_qwen_tokenizer, tiny_qwen_vl
+from modality_circuits.testing import (
+    DEFAULT_CORPUS,
+    random_images,
+    tiny_internvl,
+    tiny_internvl_tokenizer,
+    tiny_qwen_tokenizer,
+    tiny_qwen_vl,
+)
 
 TINY_RUN = ["--n", "8", "--n-general", "2", "--n-failed-pool", "6", "--n-random", "2", "--alphas", "2,4",
             "--heatmap-methods", "ablation,dla,attention", "--batch-size", "8", "--threads", "1", "--no-png", "--quiet"]
@@ -24,13 +31,17 @@ def _processor():
                                     size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32})
 
 
-def write_tiny_qwen(path: Path, version: str) -> Path:
-    """A tiny random Qwen-VL checkpoint whose tokenizer covers the synthetic data's words."""
+def _corpus() -> list[str]:
     texts = [DEFAULT_CORPUS]
     for kind in ("conflict", "consistent", "image_probe", "text_probe"):
         for s in synthetic(100, seed=0, kind=kind):
             texts += [seg.text for seg in s.segments() if not seg.is_image] + [s.answer_img, s.answer_text]
-    tok = tiny_qwen_tokenizer(texts, vocab_size=800)
+    return texts
+
+
+def write_tiny_qwen(path: Path, version: str) -> Path:
+    """A tiny random Qwen-VL checkpoint whose tokenizer covers the synthetic data's words."""
+    tok = tiny_qwen_tokenizer(_corpus(), vocab_size=800)
     tiny_qwen_vl(tok, version=version).save_pretrained(path)
     tok.save_pretrained(path)
     _processor().save_pretrained(path)
@@ -48,6 +59,28 @@ def test_reproduce_end_to_end_on_qwen_vl(tmp_path, version):
     maps = json.loads((out / "image_attention.json").read_text())
     maps = maps if isinstance(maps, list) else maps.get("maps", [])
     assert maps and all(np.asarray(m["grid"]).ndim == 2 for m in maps)
+    assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_reproduce_end_to_end_on_internvl(tmp_path):
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    ckpt = tmp_path / "ckpt"
+    tok = tiny_internvl_tokenizer(_corpus(), vocab_size=800)
+    tiny_internvl(tok).save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=12
+                             ).save_pretrained(ckpt)
+    model = HookedMLLM.from_pretrained(ckpt)
+    enc = model.image_encoder
+    assert type(enc).__name__ == "InternVLAdapter" and enc.image_processor.crop_to_patches
+    out = tmp_path / "run"
+    assert cli.main(["reproduce", "--model", str(ckpt), "--out", str(out), *TINY_RUN]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == "InternVLForConditionalGeneration"
+    assert {"knockout", "contributions", "anchors", "heads", "patching"} <= set(manifest["results"])
+    maps = json.loads((out / "image_attention.json").read_text())
+    assert maps and all(np.asarray(m["grid"]).shape == (4, 4) for m in maps)  # one 32-px tile: 4 x 4 tokens
     assert (out / "report.html").stat().st_size > 10_000
 
 
