@@ -149,6 +149,38 @@ def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_mod
     return model.eval()
 
 
+def tiny_llava_next(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
+                    d_mlp: int = 128, image_size: int = 32, patch_size: int = 8, vision_layers: int = 2,
+                    d_vision: int = 32, grid_pinpoints: Sequence[Sequence[int]] = ((32, 64), (64, 32), (64, 64)),
+                    seed: int = 0) -> Any:
+    """A random ``LlavaNextForConditionalGeneration`` (CLIP tower, Llama decoder, anyres on ``grid_pinpoints``;
+    eager attention, fp32)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
+                       num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                       max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    vision = CLIPVisionConfig(hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                              projection_dim=d_vision)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text,
+                          image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+                          image_grid_pinpoints=[list(p) for p in grid_pinpoints], vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+        model.model.image_newline.normal_(0, 0.5)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
 INTERNVL_SPECIALS = ("<img>", "</img>", "<|im_start|>", "<|im_end|>")
 
 

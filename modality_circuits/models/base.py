@@ -27,11 +27,13 @@ ADAPTERS: dict[str, type[Adapter]] = {}
 @dataclass(frozen=True)
 class ImageGrid:
     """How one image's tokens lie on its patch grid: ``rows × cols`` tokens in row-major order (after a CLS token
-    when ``has_cls``)."""
+    when ``has_cls``). ``part``: the grid covers only the image's sub-group ``image.N.<part>`` (LLaVA-NeXT's
+    ``base`` tile)."""
 
     rows: int
     cols: int
     has_cls: bool = False
+    part: str | None = None
 
     @property
     def n_tokens(self) -> int:

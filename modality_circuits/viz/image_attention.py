@@ -104,8 +104,10 @@ def image_attention_maps(model: HookedMLLM, batch: MLLMBatch, i: int = 0,
     group = f"image.{image_index}"
     if group not in one.spans or not bool(one.spans.mask(group, allow_empty=True)[0].any()):
         raise ModalityCircuitsError(f"Sample {i} has no image {image_index} (groups: {one.spans.names}).")
-    kpos = one.spans.positions(group, 0).cpu()
     grid_spec = enc.image_grid(one.model_inputs, image_index)  # the sample's k-th image is the k-th of `one`
+    if grid_spec.part:  # the grid covers one part of the image's tokens (LLaVA-NeXT: the base tile)
+        group = f"{group}.{grid_spec.part}"
+    kpos = one.spans.positions(group, 0).cpu()
     has_cls = grid_spec.has_cls
     if len(kpos) != grid_spec.n_tokens:
         raise ModalityCircuitsError(

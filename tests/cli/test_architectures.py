@@ -14,8 +14,10 @@ from modality_circuits.data import synthetic
 from modality_circuits.testing import (
     DEFAULT_CORPUS,
     random_images,
+    tiny_bpe_tokenizer,
     tiny_internvl,
     tiny_internvl_tokenizer,
+    tiny_llava_next,
     tiny_qwen_tokenizer,
     tiny_qwen_vl,
 )
@@ -62,25 +64,42 @@ def test_reproduce_end_to_end_on_qwen_vl(tmp_path, version):
     assert (out / "report.html").stat().st_size > 10_000
 
 
-def test_reproduce_end_to_end_on_internvl(tmp_path):
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+def write_tiny_tiled(path: Path, arch: str) -> Path:
+    """A tiny random InternVL or LLaVA-NeXT checkpoint (tokenizer covering the synthetic data, Pil processor)."""
+    if arch == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    ckpt = tmp_path / "ckpt"
-    tok = tiny_internvl_tokenizer(_corpus(), vocab_size=800)
-    tiny_internvl(tok).save_pretrained(ckpt)
-    tok.save_pretrained(ckpt)
-    GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=12
-                             ).save_pretrained(ckpt)
+        tok = tiny_internvl_tokenizer(_corpus(), vocab_size=800)
+        hf = tiny_internvl(tok)
+        proc = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=12)
+    else:
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        tok = tiny_bpe_tokenizer(_corpus(), vocab_size=800)
+        hf = tiny_llava_next(tok)
+        proc = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                          image_grid_pinpoints=hf.config.image_grid_pinpoints)
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch,adapter,grid", [("internvl", "InternVLAdapter", (4, 4)),
+                                               ("llava_next", "LlavaNextAdapter", (4, 4))])
+def test_reproduce_end_to_end_on_tiled_architectures(tmp_path, arch, adapter, grid):
+    ckpt = write_tiny_tiled(tmp_path / "ckpt", arch)
     model = HookedMLLM.from_pretrained(ckpt)
-    enc = model.image_encoder
-    assert type(enc).__name__ == "InternVLAdapter" and enc.image_processor.crop_to_patches
+    assert type(model.image_encoder).__name__ == adapter
+    assert type(model.image_encoder.image_processor).__name__.endswith("Pil")
     out = tmp_path / "run"
     assert cli.main(["reproduce", "--model", str(ckpt), "--out", str(out), *TINY_RUN]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["architecture"] == "InternVLForConditionalGeneration"
+    assert manifest["model"]["architecture"] == {"internvl": "InternVLForConditionalGeneration",
+                                                 "llava_next": "LlavaNextForConditionalGeneration"}[arch]
     assert {"knockout", "contributions", "anchors", "heads", "patching"} <= set(manifest["results"])
     maps = json.loads((out / "image_attention.json").read_text())
-    assert maps and all(np.asarray(m["grid"]).shape == (4, 4) for m in maps)  # one 32-px tile: 4 x 4 tokens
+    assert maps and all(np.asarray(m["grid"]).shape == grid for m in maps)  # one tile / the base tile: 4 x 4
     assert (out / "report.html").stat().st_size > 10_000
 
 
