@@ -12,6 +12,7 @@ Shapes use the glossary in :mod:`modality_circuits._types`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
@@ -217,14 +218,18 @@ def build_batch(
         tokenizer: a *fast* HF tokenizer (offsets are needed) that knows ``image_token``.
         template: the chat layout.
         image_token: the placeholder string of one image token (e.g. ``"<image>"``).
-        encode_images: images -> (model inputs such as ``pixel_values``, token count of each image: an int, or
+        encode_images: images (and, if it takes ``images_per_prompt``, the number of images of each prompt) ->
+            (model inputs such as ``pixel_values``, token count of each image: an int, or
             for tiled images ``[(name, count), …]`` per tile, recorded as groups ``image.N.<name>``).
         samples: optional source samples carried on the batch.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise SpanError("Prompt spans need a fast tokenizer (offset mapping); load it with use_fast=True.")
     all_images = [_open_image(seg.image) for segs in segment_lists for seg in segs if seg.is_image]
-    model_inputs, n_tok = encode_images(all_images) if all_images else ({}, [])
+    per_prompt = [sum(seg.is_image for seg in segs) for segs in segment_lists]
+    takes_counts = "images_per_prompt" in inspect.signature(encode_images).parameters  # LLaVA-OneVision
+    model_inputs, n_tok = ((encode_images(all_images, images_per_prompt=per_prompt) if takes_counts
+                            else encode_images(all_images)) if all_images else ({}, []))
     if len(n_tok) != len(all_images):
         raise ImageTokenMismatchError(f"Image encoder returned {len(n_tok)} token counts for {len(all_images)} images.")
 

@@ -181,6 +181,44 @@ def tiny_llava_next(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64, n_h
     return model.eval()
 
 
+def tiny_llava_onevision(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
+                         n_kv_heads: int = 2, d_mlp: int = 128, image_size: int = 32, patch_size: int = 8,
+                         vision_layers: int = 2, d_vision: int = 32, vision_aspect_ratio: str = "anyres_max_2",
+                         seed: int = 0) -> Any:
+    """A random ``LlavaOnevisionForConditionalGeneration`` (SigLIP tower, Qwen2 decoder; ``anyres_max_2`` so that
+    tiny images already get their grid shrunk; eager attention, fp32)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
+                       num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                       max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    vision = SiglipVisionConfig(hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
+                                num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    s = image_size
+    pins = [[a * s, b * s] for a in range(1, 4) for b in range(1, 4)]
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                               image_token_index=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+                               image_grid_pinpoints=pins, vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", vision_aspect_ratio=vision_aspect_ratio)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+        model.model.image_newline.normal_(0, 0.5)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
 INTERNVL_SPECIALS = ("<img>", "</img>", "<|im_start|>", "<|im_end|>")
 
 

@@ -8,7 +8,8 @@ the tiles' features laid out on one grid, the padding rows/columns of the resize
 and the learned ``image_newline`` vector after every grid row. The token groups follow that layout:
 ``image.N.base``, ``image.N.grid`` and ``image.N.newline`` (one token per row), ``image.N`` and ``image`` for all.
 The group layout is read off a dry run of the same packing code on marker features, so it cannot drift from the
-features. ``vision_feature_select_strategy="full"`` is refused (HF's packing assumes the CLS token was dropped).
+features. A selection that does not give a full tile grid (``"full"`` on a CLIP tower, whose CLS would stay) is
+refused.
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any, image_processor: Any = None):
         cfg = hf_model.config
-        if cfg.vision_feature_select_strategy != "default":
+        vc = cfg.vision_config
+        has_cls = vc.model_type == "clip_vision_model"  # SigLIP towers have no CLS token
+        per_tile = (vc.image_size // vc.patch_size) ** 2 + has_cls - (cfg.vision_feature_select_strategy == "default")
+        if per_tile != (vc.image_size // vc.patch_size) ** 2:
             raise UnsupportedArchitectureError(
-                f"LLaVA-NeXT with vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} is refused: "
-                "HF's anyres packing lays the tiles out assuming the CLS token was dropped ('default').")
+                f"{type(hf_model).__name__} with vision_feature_select_strategy="
+                f"{cfg.vision_feature_select_strategy!r} on a {vc.model_type} tower is refused: HF's anyres packing "
+                f"lays each tile out as a {vc.image_size // vc.patch_size}² grid, and this selection gives {per_tile} "
+                "tokens per tile.")
         self.grid_pinpoints = [list(p) for p in cfg.image_grid_pinpoints]
         super().__init__(hf_model, tokenizer, image_processor)
         self.image_newline = hf_model.model.image_newline  # [d_model], shared with the HF model
@@ -59,18 +65,24 @@ class LlavaNextAdapter(LlavaAdapter):
         return self._denormalize(model_inputs["pixel_values"][k][0])
 
     # ------------------------------------------------------------------------------------------------ images
-    def process_images(self, images: list[Any]) -> tuple[dict[str, Any], list[Any]]:
-        """-> ``({"pixel_values": [tiles_i, 3, S, S] per image, "image_sizes": [n, 2]}, per image its token layout
-        ``[(group, count), …]``)``."""
-        if any(isinstance(im, Tensor) for im in images):
-            raise ImageTokenMismatchError("LLaVA-NeXT needs each image's original size for its anyres layout: pass "
-                                          "PIL images (the image processor tiles them).")
+    def _tiles(self, images: list[Any], images_per_prompt: list[int] | None) -> tuple[list[Tensor], Tensor]:
+        """(per image its tiles ``[tiles, 3, S, S]``, ``image_sizes [n, 2]``) from the Pil processor."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         out = self.image_processor(images=list(images), return_tensors="pt")
         sizes = torch.as_tensor(out["image_sizes"]).reshape(len(images), 2)
         n_tiles = [image_size_to_num_patches(s, self.grid_pinpoints, self.image_size) for s in sizes.tolist()]
-        tiles = [pv[:n] for pv, n in zip(out["pixel_values"], n_tiles)]
+        return [pv[:n] for pv, n in zip(out["pixel_values"], n_tiles)], sizes
+
+    def process_images(self, images: list[Any], images_per_prompt: list[int] | None = None
+                       ) -> tuple[dict[str, Any], list[Any]]:
+        """-> ``({"pixel_values": [tiles_i, 3, S, S] per image, "image_sizes": [n, 2]}, per image its token layout
+        ``[(group, count), …]``)``; ``images_per_prompt``: how the images are split over the prompts."""
+        if any(isinstance(im, Tensor) for im in images):
+            raise ImageTokenMismatchError(f"{type(self).__name__[:-7]} needs each image's original size for its "
+                                          "anyres layout: pass PIL images (the image processor tiles them).")
+        tiles, sizes = self._tiles(images, images_per_prompt)
+        n_tiles = [t.shape[0] for t in tiles]
         layouts = []
         for n, size in zip(n_tiles, sizes):  # dry run of the packing on markers: 0 base, 1 grid, 2 newline
             marks = torch.ones(n, self.side * self.side, 1)
@@ -108,7 +120,8 @@ class LlavaNextAdapter(LlavaAdapter):
         out = self.vision_tower(pv, output_hidden_states=True, return_dict=True)
         layers = self.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)
-        feats = torch.cat([out.hidden_states[i][:, 1:] for i in layers], dim=-1)  # CLS dropped ("default")
+        drop = int(self.vision_feature_select_strategy == "default")  # CLIP's CLS ("default"); SigLIP keeps all
+        feats = torch.cat([out.hidden_states[i][:, drop:] for i in layers], dim=-1)
         proj = self.multi_modal_projector(feats)  # [all tiles, side², d_model]
         per_image = list(torch.split(proj, [t.shape[0] for t in tiles], dim=0))
         return torch.cat(self._pack(per_image, image_sizes.to(proj.device), self.image_newline))

@@ -18,6 +18,7 @@ from modality_circuits.testing import (
     tiny_internvl,
     tiny_internvl_tokenizer,
     tiny_llava_next,
+    tiny_llava_onevision,
     tiny_qwen_tokenizer,
     tiny_qwen_vl,
 )
@@ -65,13 +66,23 @@ def test_reproduce_end_to_end_on_qwen_vl(tmp_path, version):
 
 
 def write_tiny_tiled(path: Path, arch: str) -> Path:
-    """A tiny random InternVL or LLaVA-NeXT checkpoint (tokenizer covering the synthetic data, Pil processor)."""
+    """A tiny random InternVL, LLaVA-NeXT or LLaVA-OneVision checkpoint (Pil processor; the tokenizer covers the
+    synthetic data)."""
     if arch == "internvl":
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
         tok = tiny_internvl_tokenizer(_corpus(), vocab_size=800)
         hf = tiny_internvl(tok)
         proc = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=12)
+    elif arch == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        tok = tiny_bpe_tokenizer(_corpus(), vocab_size=800)
+        hf = tiny_llava_onevision(tok)
+        proc = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
+                                               image_grid_pinpoints=hf.config.image_grid_pinpoints)
     else:
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -86,7 +97,8 @@ def write_tiny_tiled(path: Path, arch: str) -> Path:
 
 
 @pytest.mark.parametrize("arch,adapter,grid", [("internvl", "InternVLAdapter", (4, 4)),
-                                               ("llava_next", "LlavaNextAdapter", (4, 4))])
+                                               ("llava_next", "LlavaNextAdapter", (4, 4)),
+                                               ("llava_onevision", "LlavaOnevisionAdapter", (4, 4))])
 def test_reproduce_end_to_end_on_tiled_architectures(tmp_path, arch, adapter, grid):
     ckpt = write_tiny_tiled(tmp_path / "ckpt", arch)
     model = HookedMLLM.from_pretrained(ckpt)
@@ -96,7 +108,8 @@ def test_reproduce_end_to_end_on_tiled_architectures(tmp_path, arch, adapter, gr
     assert cli.main(["reproduce", "--model", str(ckpt), "--out", str(out), *TINY_RUN]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["architecture"] == {"internvl": "InternVLForConditionalGeneration",
-                                                 "llava_next": "LlavaNextForConditionalGeneration"}[arch]
+                                                 "llava_next": "LlavaNextForConditionalGeneration",
+                                                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[arch]
     assert {"knockout", "contributions", "anchors", "heads", "patching"} <= set(manifest["results"])
     maps = json.loads((out / "image_attention.json").read_text())
     assert maps and all(np.asarray(m["grid"]).shape == grid for m in maps)  # one tile / the base tile: 4 x 4
