@@ -219,8 +219,9 @@ def build_batch(
         template: the chat layout.
         image_token: the placeholder string of one image token (e.g. ``"<image>"``).
         encode_images: images (and, if it takes ``images_per_prompt``, the number of images of each prompt) ->
-            (model inputs such as ``pixel_values``, token count of each image: an int, or
-            for tiled images ``[(name, count), …]`` per tile, recorded as groups ``image.N.<name>``).
+            (model inputs such as ``pixel_values``, token count of each image: an int, or for tiled images
+            ``[(name, count), …]`` per tile, recorded as groups ``image.N.<name>``, where a ``(group, "text")`` pair
+            is literal text between the tiles, recorded as ``group``).
         samples: optional source samples carried on the batch.
     """
     if not getattr(tokenizer, "is_fast", False):
@@ -247,8 +248,10 @@ def build_batch(
                 count = n_tok[img_k]
                 if isinstance(count, (int, np.integer)):
                     pieces.append((f"{IMAGE}.{n_images}", image_token * int(count)))
-                else:  # tiles: (name, tokens) pairs -> groups image.N.<name>, and image.N for all of them
-                    pieces += [(f"{IMAGE}.{n_images}.{sub}", image_token * int(c)) for sub, c in count]
+                else:  # tiles: (name, tokens) pairs -> groups image.N.<name>, and image.N for all of them;
+                    # (name, "text") pairs are literal text inside the image block (Idefics3's tile tags) -> group name
+                    pieces += [(sub, c) if isinstance(c, str) else (f"{IMAGE}.{n_images}.{sub}", image_token * int(c))
+                               for sub, c in count]
                 img_k += 1
                 n_images += 1
             else:

@@ -219,6 +219,45 @@ def tiny_llava_onevision(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64
     return model.eval()
 
 
+IDEFICS3_SPECIALS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<|im_start|>",
+                     *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
+
+
+def tiny_idefics3_tokenizer(corpus: Sequence[str] | str = DEFAULT_CORPUS, vocab_size: int = 300) -> Any:
+    """A tiny fast tokenizer with Idefics3/SmolVLM's image tags (``<image>`` is the image token)."""
+    return tiny_bpe_tokenizer(corpus, vocab_size, extra_specials=IDEFICS3_SPECIALS)
+
+
+def tiny_idefics3(tokenizer: Any, *, smolvlm: bool = False, n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
+                  n_kv_heads: int = 2, d_mlp: int = 128, image_size: int = 32, patch_size: int = 4,
+                  vision_layers: int = 2, d_vision: int = 32, scale_factor: int = 2, seed: int = 0) -> Any:
+    """A random ``Idefics3ForConditionalGeneration`` (or ``SmolVLMForConditionalGeneration``): vision transformer,
+    pixel-shuffle connector, Llama decoder; eager attention, fp32; ``(image_size / patch_size / scale)²`` tokens
+    per tile."""
+    import transformers as tf
+
+    prefix = "SmolVLM" if smolvlm else "Idefics3"
+    text = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
+                          num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                          max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    vision = getattr(tf, f"{prefix}VisionConfig")(hidden_size=d_vision, intermediate_size=2 * d_vision,
+                                                   num_hidden_layers=vision_layers, num_attention_heads=4,
+                                                   image_size=image_size, patch_size=patch_size)
+    cfg = getattr(tf, f"{prefix}Config")(vision_config=vision, text_config=text, scale_factor=scale_factor,
+                                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(tf, f"{prefix}ForConditionalGeneration")(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
 INTERNVL_SPECIALS = ("<img>", "</img>", "<|im_start|>", "<|im_end|>")
 
 

@@ -104,6 +104,19 @@ def variant_knockouts(model: HookedMLLM, conflict: list, edges: list, variants: 
     return pd.concat(parts, ignore_index=True)
 
 
+def available_edges(model: HookedMLLM, conflict: list, edges: Any) -> list:
+    """The default edges whose groups the prompts have (a chat template without a system prompt has no ``system``
+    group: LLaVA-1.5-hf's, SmolVLM's); the others are left out with a warning. Explicit ``--edges`` are not
+    filtered (a missing group there is an error)."""
+    names = set(model.prepare(conflict[:1]).spans.names) if conflict else set()
+    keep = [e for e in edges if set(e) <= names]
+    dropped = [f"{a}↛{b}" for a, b in edges if (a, b) not in keep]
+    if dropped:
+        logger.warning("the prompts have no %s group: default edge(s) %s left out",
+                       " / ".join(sorted({g for e in edges for g in e} - names)), ", ".join(dropped))
+    return keep
+
+
 def knockout_tables(write_csv: Any, df: Any, edges: list, seed: int) -> dict:
     """Write ``knockout.csv``, ``knockout_summary.csv`` (bootstrap CIs) and ``knockout_stability.csv`` (data-ratio
     control, no forward passes) with ``write_csv(frame, name)``; returns the run's ``results["knockout"]``."""
@@ -145,8 +158,8 @@ def stage_knockout(run: Run, model: HookedMLLM, conflict: list, args: argparse.N
             logger.warning("--shard: the prompt-variant reruns (--variants) are not sharded and are skipped; run "
                            "them in a knockout run of their own")
             variants = []
-        edges = with_random_controls(parse_edges(args.edges) or list(DEFAULT_EDGES),
-                                     getattr(args, "random_sets", None) or 0)
+        edges = parse_edges(args.edges) or available_edges(model, conflict, DEFAULT_EDGES)
+        edges = with_random_controls(edges, getattr(args, "random_sets", None) or 0)
         df = knockout_sweep(model, conflict, edges=edges, centers=parse_layers(args.centers, model.cfg.n_layers),
                             window=args.window, window_mode=args.window_mode, batch_size=args.batch_size,
                             first_token=args.first_token, metric=args.metric, progress=not run.quiet,

@@ -15,6 +15,8 @@ from modality_circuits.testing import (
     DEFAULT_CORPUS,
     random_images,
     tiny_bpe_tokenizer,
+    tiny_idefics3,
+    tiny_idefics3_tokenizer,
     tiny_internvl,
     tiny_internvl_tokenizer,
     tiny_llava_next,
@@ -66,14 +68,21 @@ def test_reproduce_end_to_end_on_qwen_vl(tmp_path, version):
 
 
 def write_tiny_tiled(path: Path, arch: str) -> Path:
-    """A tiny random InternVL, LLaVA-NeXT or LLaVA-OneVision checkpoint (Pil processor; the tokenizer covers the
-    synthetic data)."""
+    """A tiny random InternVL, LLaVA-NeXT, LLaVA-OneVision or SmolVLM checkpoint (Pil processor; the tokenizer
+    covers the synthetic data)."""
     if arch == "internvl":
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
         tok = tiny_internvl_tokenizer(_corpus(), vocab_size=800)
         hf = tiny_internvl(tok)
         proc = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=12)
+    elif arch == "smolvlm":
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        tok = tiny_idefics3_tokenizer(_corpus(), vocab_size=800)
+        hf = tiny_idefics3(tok, smolvlm=True)
+        proc = Idefics3ImageProcessorPil(do_image_splitting=True, max_image_size={"longest_edge": 32},
+                                         size={"longest_edge": 64})
     elif arch == "llava_onevision":
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil,
@@ -98,7 +107,8 @@ def write_tiny_tiled(path: Path, arch: str) -> Path:
 
 @pytest.mark.parametrize("arch,adapter,grid", [("internvl", "InternVLAdapter", (4, 4)),
                                                ("llava_next", "LlavaNextAdapter", (4, 4)),
-                                               ("llava_onevision", "LlavaOnevisionAdapter", (4, 4))])
+                                               ("llava_onevision", "LlavaOnevisionAdapter", (4, 4)),
+                                               ("smolvlm", "Idefics3Adapter", (4, 4))])
 def test_reproduce_end_to_end_on_tiled_architectures(tmp_path, arch, adapter, grid):
     ckpt = write_tiny_tiled(tmp_path / "ckpt", arch)
     model = HookedMLLM.from_pretrained(ckpt)
@@ -109,7 +119,8 @@ def test_reproduce_end_to_end_on_tiled_architectures(tmp_path, arch, adapter, gr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["architecture"] == {"internvl": "InternVLForConditionalGeneration",
                                                  "llava_next": "LlavaNextForConditionalGeneration",
-                                                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[arch]
+                                                 "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                                                 "smolvlm": "SmolVLMForConditionalGeneration"}[arch]
     assert {"knockout", "contributions", "anchors", "heads", "patching"} <= set(manifest["results"])
     maps = json.loads((out / "image_attention.json").read_text())
     assert maps and all(np.asarray(m["grid"]).shape == grid for m in maps)  # one tile / the base tile: 4 x 4
