@@ -1,6 +1,7 @@
 """Exact all-heads ablation scan: ours (layer-batched, prefix-cached) vs one forward per head.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_head_scan.py [--n 16] [--threads 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_head_scan.py --model smollava --n 2 --repeats 1 --cases 1,2,4
 
 Model: the shipped toy model (``assets/toy-llava``) if present, else a freshly initialised toy
 (:class:`~modality_circuits.toy.model.ToyConfig` defaults). One batch of ``n`` synthetic conflict samples.
@@ -94,12 +95,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method (alternating); min is reported")
+    ap.add_argument("--model", default="toy", help="toy (default), smollava (the real-LM default) or a folder")
+    ap.add_argument("--cases", default="1,2,3,4", help="which of the cases to run (4 needs 1; default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cases = set(args.cases.split(","))
 
-    model, what = load_toy()
+    from bench_knockout_sweep import load_bench_model
+
+    model, what, distractors = load_bench_model(args.model)
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    samples = synthetic(args.n, seed=args.seed)
+    samples = synthetic(args.n, seed=args.seed, image_size=model.image_encoder.native_image_size or 32,
+                        distractors=(distractors or [0])[0])
     batch = model.prepare(samples)
     T = batch.seq_len
     tl_batch = ShapedBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)})
@@ -153,50 +160,56 @@ def main() -> None:
     with torch.no_grad():
         model(batch)
 
-    print("\n1. all-position zero ablation, first-token d_logit")
-    tl_all, t_tl_all, our_all, t_our_all = race(tl_all_pos, lambda: ours(None), args.repeats)
-    diff = float((our_all["d_logit"].mean(-1) - tl_all).abs().max())
-    bound = 2 * L / (L + 1)
-    bound_oh = L * H / (H * (L + 1) / 2 + 1)  # + our one extra full forward (the recorded clean run)
-    print(f"   TL patching (get_act_patch_attn_head_out_all_pos, {L * H} forwards): {t_tl_all:7.2f} s")
-    print(f"   ours (cached)                                                  : {t_our_all:7.2f} s")
-    print(f"   ratio {t_tl_all / t_our_all:.2f}x   FLOP bound 2L/(L+1) = {bound:.2f}x "
-          f"({bound_oh:.2f}x counting our clean-run forward)   max |diff| = {diff:.2e}")
+    if "1" not in cases:
+        our_all = None
+    else:
+        print("\n1. all-position zero ablation, first-token d_logit")
+        tl_all, t_tl_all, our_all, t_our_all = race(tl_all_pos, lambda: ours(None), args.repeats)
+        diff = float((our_all["d_logit"].mean(-1) - tl_all).abs().max())
+        bound = 2 * L / (L + 1)
+        bound_oh = L * H / (H * (L + 1) / 2 + 1)  # + our one extra full forward (the recorded clean run)
+        print(f"   TL patching (get_act_patch_attn_head_out_all_pos, {L * H} forwards): {t_tl_all:7.2f} s")
+        print(f"   ours (cached)                                                  : {t_our_all:7.2f} s")
+        print(f"   ratio {t_tl_all / t_our_all:.2f}x   FLOP bound 2L/(L+1) = {bound:.2f}x "
+              f"({bound_oh:.2f}x counting our clean-run forward)   max |diff| = {diff:.2e}")
 
-    print("\n2. last-position zero ablation, first-token d_logit")
-    tl_last, t_tl_last, our_last, t_our_last = race(tl_last_pos, lambda: ours("last"), args.repeats)
-    diff = float((our_last["d_logit"].mean(-1) - tl_last).abs().max())
-    naive_work = L * H * L * T
-    our_work = sum(H * (L - layer) for layer in range(L)) + L * T + 1  # + the clean run and the base pass
-    print(f"   TL patching (generic_activation_patch, (layer, {T - 1}, head) rows): {t_tl_last:7.2f} s")
-    print(f"   ours (cached, from the last position)                        : {t_our_last:7.2f} s")
-    print(f"   ratio {t_tl_last / t_our_last:.2f}x   (target >= 10x; token-layer bound "
-          f"{naive_work / our_work:.1f}x)   max |diff| = {diff:.2e}")
-    with torch.no_grad():
-        _, t_fwd = race(lambda: model(batch), lambda: None, args.repeats)[:2]
-    print(f"   one full forward of the batch: {t_fwd:.3f} s; ours spends one (the recorded clean run) = "
-          f"{t_fwd / t_our_last:.0%} of its time, the per-layer suffix passes (KV copies, rotary over cached "
-          f"keys) the rest")
+    if "2" in cases:
+        print("\n2. last-position zero ablation, first-token d_logit")
+        tl_last, t_tl_last, our_last, t_our_last = race(tl_last_pos, lambda: ours("last"), args.repeats)
+        diff = float((our_last["d_logit"].mean(-1) - tl_last).abs().max())
+        naive_work = L * H * L * T
+        our_work = sum(H * (L - layer) for layer in range(L)) + L * T + 1  # + the clean run and the base pass
+        print(f"   TL patching (generic_activation_patch, (layer, {T - 1}, head) rows): {t_tl_last:7.2f} s")
+        print(f"   ours (cached, from the last position)                        : {t_our_last:7.2f} s")
+        print(f"   ratio {t_tl_last / t_our_last:.2f}x   (target >= 10x; token-layer bound "
+              f"{naive_work / our_work:.1f}x)   max |diff| = {diff:.2e}")
+        with torch.no_grad():
+            _, t_fwd = race(lambda: model(batch), lambda: None, args.repeats)[:2]
+        print(f"   one full forward of the batch: {t_fwd:.3f} s; ours spends one (the recorded clean run) = "
+              f"{t_fwd / t_our_last:.0%} of its time, the per-layer suffix passes (KV copies, rotary over cached "
+              f"keys) the rest")
 
-    print("\n3. all-position zero ablation, full-answer binary following score (delta of p_binary)")
-    loop, t_loop, our_full, t_our_full = race(per_head_full_answers, lambda: ours(None, first_token=False),
-                                              args.repeats)
-    diff = float((our_full["delta"] - loop).abs().max())
-    single = all(len(model.tokenizer(a, add_special_tokens=False)["input_ids"]) == 1
-                 for s in samples for a in (s.answer_img, s.answer_text))
-    print(f"   per-head loop of following_scores ({L * H} scorings): {t_loop:7.2f} s")
-    print(f"   ours (cached)                                     : {t_our_full:7.2f} s")
-    print(f"   ratio {t_loop / t_our_full:.2f}x   max |diff| = {diff:.2e}"
-          + ("   (answers here are single tokens: full answer = first token)" if single else ""))
+    if "3" in cases:
+        print("\n3. all-position zero ablation, full-answer binary following score (delta of p_binary)")
+        loop, t_loop, our_full, t_our_full = race(per_head_full_answers, lambda: ours(None, first_token=False),
+                                                  args.repeats)
+        diff = float((our_full["delta"] - loop).abs().max())
+        single = all(len(model.tokenizer(a, add_special_tokens=False)["input_ids"]) == 1
+                     for s in samples for a in (s.answer_img, s.answer_text))
+        print(f"   per-head loop of following_scores ({L * H} scorings): {t_loop:7.2f} s")
+        print(f"   ours (cached)                                     : {t_our_full:7.2f} s")
+        print(f"   ratio {t_loop / t_our_full:.2f}x   max |diff| = {diff:.2e}"
+              + ("   (answers here are single tokens: full answer = first token)" if single else ""))
 
-    print("\n4. attribution patching vs exact ablation (all positions, zero)")
-    att, t_att = timed(lambda: attribution_batch(model, batch))
-    exact = our_all["d_logit"]
-    print(f"   attribution (1 forward + 1 backward): {t_att:.2f} s")
-    print(f"   Spearman rank correlation with exact d_logit: heads (mean over samples) "
-          f"{spearman(att.mean(-1).numpy(), exact.mean(-1).numpy()):.3f}; pooled (head, sample) "
-          f"{spearman(att.numpy(), exact.numpy()):.3f}; sign agreement "
-          f"{float((att.sign() == exact.sign()).float().mean()):.2f}")
+    if "4" in cases and our_all is not None:
+        print("\n4. attribution patching vs exact ablation (all positions, zero)")
+        att, t_att = timed(lambda: attribution_batch(model, batch))
+        exact = our_all["d_logit"]
+        print(f"   attribution (1 forward + 1 backward): {t_att:.2f} s")
+        print(f"   Spearman rank correlation with exact d_logit: heads (mean over samples) "
+              f"{spearman(att.mean(-1).numpy(), exact.mean(-1).numpy()):.3f}; pooled (head, sample) "
+              f"{spearman(att.numpy(), exact.numpy()):.3f}; sign agreement "
+              f"{float((att.sign() == exact.sign()).float().mean()):.2f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Knockout sweep: prefix-cached, batched configurations vs one full forward per configuration.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_knockout_sweep.py [--n 32] [--batch-size 16] [--threads 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_knockout_sweep.py --model smollava --n 8 --batch-size 8 \
+        --window 3 --centers every:3 --repeats 1      # the real-LM default at the budget profile's sweep shape
 
 Model: the shipped toy model (``assets/toy-llava``) if present, else a freshly initialised toy of the same
 architecture (:class:`~modality_circuits.toy.model.ToyConfig` defaults, word-level tokenizer). The sweep covers
@@ -41,7 +43,31 @@ def load_toy(path: Path = ROOT / "assets" / "toy-llava") -> tuple[HookedMLLM, st
     return load_or_init_toy(path)
 
 
-def work_ratio(model: HookedMLLM, samples, batch_size: int, window: int, mode: str) -> float:
+def load_bench_model(spec: str) -> tuple[HookedMLLM, str, list]:
+    """(model, description, synthetic conflict samples of its image size and distractors) for ``--model``:
+    ``toy`` (default), ``smollava`` (the real-LM default, materialised in the cache) or a checkpoint folder."""
+    from modality_circuits.cli.run import resolve_model
+    from modality_circuits.data.synthetic import checkpoint_data_spec
+
+    if spec == "toy":
+        model, what = load_toy()
+        return model, what, []
+    path = resolve_model(spec)
+    model = HookedMLLM.from_pretrained(path)
+    return model, f"{spec} ({path})", [checkpoint_data_spec(path)["distractors"]]
+
+
+def parse_centers(text: str | None, n_layers: int) -> list[int] | None:
+    """``None`` (every layer), ``"every:K"`` (every K-th from 1, as the budget profile) or ``"0,3,6"``."""
+    if not text:
+        return None
+    if text.startswith("every:"):
+        return list(range(1, n_layers, int(text.split(":")[1])))
+    return [int(x) for x in text.split(",")]
+
+
+def work_ratio(model: HookedMLLM, samples, batch_size: int, window: int, mode: str,
+               centers: list[int] | None = None) -> float:
     """Token-layer count of the naive sweep over that of the cached one (the prefix-caching bound)."""
     n_layers = model.cfg.n_layers
     naive = cached = 0
@@ -49,7 +75,7 @@ def work_ratio(model: HookedMLLM, samples, batch_size: int, window: int, mode: s
         b = model.prepare(samples[i:i + batch_size])
         B, T = b.tokens.shape
         groups: dict[tuple[int, str], int] = {}
-        for layer in range(n_layers):
+        for layer in (range(n_layers) if centers is None else centers):
             lo = min(layer_window(layer, window, n_layers, mode))
             for _, dst in DEFAULT_EDGES:
                 groups[(lo, dst)] = groups.get((lo, dst), 0) + 1
@@ -70,19 +96,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method (alternating); min is reported")
+    ap.add_argument("--model", default="toy", help="toy (default), smollava (the real-LM default) or a folder")
+    ap.add_argument("--centers", default=None, help="window centres: every layer (default), every:K or 0,3,6")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, what = load_toy()
-    samples = synthetic(args.n, seed=args.seed)
+    model, what, distractors = load_bench_model(args.model)
+    size = model.image_encoder.native_image_size or 32
+    samples = synthetic(args.n, seed=args.seed, image_size=size, distractors=(distractors or [0])[0])
+    centers = parse_centers(args.centers, model.cfg.n_layers)
     b = model.prepare(samples[: args.batch_size])
-    n_cfg = model.cfg.n_layers * len(DEFAULT_EDGES)
-    print(f"model: {what}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, d_model {model.cfg.d_model}")
+    n_c = model.cfg.n_layers if centers is None else len(centers)
+    n_cfg = n_c * len(DEFAULT_EDGES)
+    print(f"model: {what}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, d_model {model.cfg.d_model}, "
+          f"vocab {model.cfg.d_vocab}")
     print(f"sweep: {args.n} samples (batch {args.batch_size}, prompt length ~{b.seq_len}), {n_cfg} configurations "
-          f"({model.cfg.n_layers} layers x {len(DEFAULT_EDGES)} edges, window {args.window} {args.window_mode}), "
+          f"({n_c} window centres x {len(DEFAULT_EDGES)} edges, window {args.window} {args.window_mode}), "
           f"torch threads {torch.get_num_threads()}")
 
-    kw = dict(window=args.window, window_mode=args.window_mode, batch_size=args.batch_size)
+    kw = dict(window=args.window, window_mode=args.window_mode, batch_size=args.batch_size, centers=centers)
     sweeps = {"cached": lambda s: knockout_sweep(model, s, progress=False, **kw),
               "naive": lambda s: naive_knockout_sweep(model, s, **kw)}
     for method in ("cached", "naive"):  # warm-up
@@ -108,7 +140,7 @@ def main() -> None:
     print(f"speed ratio naive/cached: {times['naive'] / times['cached']:.2f}x on the fastest of {args.repeats} runs, "
           f"{med['naive'] / med['cached']:.2f}x on medians   (target >= 3x)")
     print(f"token-layer work ratio (bound from skipped prefix work): "
-          f"{work_ratio(model, samples, args.batch_size, args.window, args.window_mode):.2f}x")
+          f"{work_ratio(model, samples, args.batch_size, args.window, args.window_mode, centers):.2f}x")
     print(f"max |p cached - p naive| = {d_p:.2e}   max |delta cached - delta naive| = {d_delta:.2e}   "
           f"({len(a)} rows)")
     print(f"largest |delta| in the sweep: {a['delta'].abs().max():.3f}")
