@@ -337,6 +337,22 @@ def tiny_base(folder: Any, seed: int = 0) -> Any:
     return folder
 
 
+def hf_positions(batch: Any) -> Any:
+    """Position ids for HF's forward of a left-padded batch (HookedMLLM counts from each row's first token)."""
+    return (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def hf_knockout_mask(batch: Any, src: Any, dst: Any, allow_empty: bool = False) -> Any:
+    """HF's 4-D additive attention mask ``[batch, 1, q_pos, k_pos]`` (causal, padding, and ``src ↛ dst`` removed at
+    every layer): the reference a knockout over all layers must equal."""
+    from .interventions import edge_mask
+
+    L = batch.seq_len
+    allowed = (torch.tril(torch.ones(L, L, dtype=torch.bool))[None] & batch.attention_mask.bool()[:, None, :]
+               & ~edge_mask(batch.spans, src, dst, allow_empty=allow_empty))
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+
+
 class DiesOnce:
     """Fault injection for executor tests: calls the function ``target`` (``"module:name"``, looked up in the worker),
     except that the first call in any process (while the file ``marker`` does not exist) creates the marker and

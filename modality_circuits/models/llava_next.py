@@ -106,13 +106,17 @@ class LlavaNextAdapter(LlavaAdapter):
                 base, f = f[0], f[1:]
                 rows, cols = get_anyres_image_grid_shape(image_sizes[k], self.grid_pinpoints, self.image_size)
                 f = f.view(rows, cols, self.side, self.side, -1).permute(4, 0, 2, 1, 3).contiguous()
-                f = unpad_image(f.flatten(1, 2).flatten(2, 3), image_sizes[k])  # [d, height, width]
+                f = self._shrink(unpad_image(f.flatten(1, 2).flatten(2, 3), image_sizes[k]))  # [d, height, width]
                 f = torch.cat((f, newline[:, None, None].expand(*f.shape[:-1], 1).to(f.device, f.dtype)), dim=-1)
                 f = torch.cat((base, f.flatten(1, 2).transpose(0, 1)), dim=0)
             else:
                 f = torch.cat((f[0], newline[None].to(f)), dim=0)
             out.append(f)
         return out
+
+    def _shrink(self, grid: Float[Tensor, "d height width"]) -> Float[Tensor, "d height2 width2"]:
+        """The unpadded grid as it is packed (LLaVA-NeXT: unchanged; OneVision shrinks large ones)."""
+        return grid
 
     def encode_images(self, pixel_values: Any, image_sizes: Tensor, **_: Any) -> Float[Tensor, "img_tok d_model"]:
         tiles = list(pixel_values)

@@ -64,25 +64,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                    for s, p in zip(sizes.tolist(), patched)]
         return [pv[:n] for pv, n in zip(out["pixel_values"], n_tiles)], sizes
 
-    def _pack(self, feats: list[Tensor], image_sizes: Tensor, newline: Tensor) -> list[Tensor]:
-        """``LlavaOnevisionModel.pack_image_features``: per image ``[tiles, side², d]`` -> ``[tokens, d]``."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
+    def _shrink(self, grid: Tensor) -> Tensor:
+        """``LlavaOnevisionModel.pack_image_features``'s step after unpadding: a grid of more than
+        ``anyres_max_K`` tiles' worth of tokens is shrunk by bilinear interpolation (as HF, same arithmetic)."""
         max_tiles = int(self.vision_aspect_ratio.removeprefix("anyres_max_"))
-        out = []
-        for k, f in enumerate(feats):
-            if f.shape[0] > 1:
-                base, f = f[0], f[1:]
-                rows, cols = get_anyres_image_grid_shape(image_sizes[k], self.grid_pinpoints, self.image_size)
-                f = f.view(rows, cols, self.side, self.side, -1).permute(4, 0, 2, 1, 3).contiguous()
-                f = unpad_image(f.flatten(1, 2).flatten(2, 3), image_sizes[k])  # [d, height, width]
-                _, h, w = f.shape
-                ratio = math.sqrt(h * w / (max_tiles * self.side ** 2))
-                if ratio > 1.1:  # too many tokens: shrink the grid
-                    f = nn.functional.interpolate(f[None], [int(h // ratio), int(w // ratio)], mode="bilinear")[0]
-                f = torch.cat((f, newline[:, None, None].expand(*f.shape[:-1], 1).to(f.device, f.dtype)), dim=-1)
-                f = torch.cat((base, f.flatten(1, 2).transpose(0, 1)), dim=0)
-            else:
-                f = torch.cat((f[0], newline[None].to(f)), dim=0)
-            out.append(f)
-        return out
+        _, h, w = grid.shape
+        ratio = math.sqrt(h * w / (max_tiles * self.side ** 2))
+        if ratio > 1.1:
+            grid = nn.functional.interpolate(grid[None], [int(h // ratio), int(w // ratio)], mode="bilinear")[0]
+        return grid

@@ -9,8 +9,15 @@ import torch
 
 from modality_circuits import HookedMLLM, Segment
 from modality_circuits.errors import ImageTokenMismatchError
-from modality_circuits.interventions import edge_mask, knockout
-from modality_circuits.testing import random_images, tiny_bpe_tokenizer, tiny_idefics3, tiny_idefics3_tokenizer
+from modality_circuits.interventions import knockout
+from modality_circuits.testing import (
+    hf_knockout_mask,
+    hf_positions,
+    random_images,
+    tiny_bpe_tokenizer,
+    tiny_idefics3,
+    tiny_idefics3_tokenizer,
+)
 
 TOL = 1e-4
 
@@ -51,7 +58,7 @@ def _hf_inputs(batch):
 def _hf_logits(hf, batch, **kw):
     with torch.no_grad():
         return hf(input_ids=batch.tokens, attention_mask=kw.pop("attention_mask", batch.attention_mask),
-                  position_ids=(batch.attention_mask.cumsum(1) - 1).clamp(min=0), **_hf_inputs(batch)).logits
+                  position_ids=hf_positions(batch), **_hf_inputs(batch)).logits
 
 
 @pytest.mark.parametrize("rows", [[0], [1], [0, 1, 2]], ids=["split_image", "two_images",
@@ -90,10 +97,7 @@ def test_generation_and_knockout_equal_hf(pair):
     assert ours.tolist() == theirs[:, batch.tokens.shape[1]:].tolist()
     with knockout(model, batch.spans, "image.0.global", "last", range(model.cfg.n_layers)):
         ko = model(batch)
-    L = batch.seq_len
-    allowed = (torch.tril(torch.ones(L, L, dtype=torch.bool))[None] & batch.attention_mask.bool()[:, None, :]
-               & ~edge_mask(batch.spans, "image.0.global", "last"))
-    mask4 = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+    mask4 = hf_knockout_mask(batch, "image.0.global", "last")
     assert (ko[:, -1] - _hf_logits(hf, batch, attention_mask=mask4)[:, -1]).abs().max() < TOL
     assert (ko[:, -1] - model(batch)[:, -1]).abs().max() > 1e-4
 

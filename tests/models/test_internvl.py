@@ -9,8 +9,15 @@ import torch
 
 from modality_circuits import HookedMLLM, Segment
 from modality_circuits.errors import ImageTokenMismatchError, ModalityCircuitsError
-from modality_circuits.interventions import edge_mask, knockout
-from modality_circuits.testing import random_images, tiny_bpe_tokenizer, tiny_internvl, tiny_internvl_tokenizer
+from modality_circuits.interventions import knockout
+from modality_circuits.testing import (
+    hf_knockout_mask,
+    hf_positions,
+    random_images,
+    tiny_bpe_tokenizer,
+    tiny_internvl,
+    tiny_internvl_tokenizer,
+)
 
 TOL = 1e-4
 
@@ -35,7 +42,7 @@ def _prompts():
 
 
 def _hf_logits(hf, batch, **kw):
-    pos = kw.pop("position_ids", (batch.attention_mask.cumsum(1) - 1).clamp(min=0))
+    pos = kw.pop("position_ids", hf_positions(batch))
     extra = {}
     if batch.model_inputs.get("pixel_values"):
         extra["pixel_values"] = torch.cat(batch.model_inputs["pixel_values"])
@@ -86,10 +93,7 @@ def test_knockout_matches_hf_attention_mask(pair):
     with knockout(model, batch.spans, "image.0.thumbnail", "last", range(model.cfg.n_layers), allow_empty=True):
         ko = model(batch)
     assert (ko[1, -1] - clean[1, -1]).abs().max() > 1e-3 and (ko[0, -1] - clean[0, -1]).abs().max() == 0
-    L = batch.seq_len
-    allowed = (torch.tril(torch.ones(L, L, dtype=torch.bool))[None] & batch.attention_mask.bool()[:, None, :]
-               & ~edge_mask(batch.spans, "image.0.thumbnail", "last", allow_empty=True))
-    mask4 = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+    mask4 = hf_knockout_mask(batch, "image.0.thumbnail", "last", allow_empty=True)
     theirs = _hf_logits(hf, batch, attention_mask=mask4)
     assert (ko[:, -1] - theirs[:, -1]).abs().max() < TOL
 

@@ -9,8 +9,8 @@ import torch
 
 from modality_circuits import HookedMLLM, Segment
 from modality_circuits.errors import ImageTokenMismatchError, UnsupportedArchitectureError
-from modality_circuits.interventions import edge_mask, knockout
-from modality_circuits.testing import random_images, tiny_bpe_tokenizer, tiny_llava_next
+from modality_circuits.interventions import knockout
+from modality_circuits.testing import hf_knockout_mask, hf_positions, random_images, tiny_bpe_tokenizer, tiny_llava_next
 
 TOL = 1e-4
 
@@ -35,7 +35,7 @@ def _hf_logits(hf, batch, **kw):
     extra = dict(pixel_values=torch.cat(mi["pixel_values"]), image_sizes=mi["image_sizes"]) if mi else {}
     with torch.no_grad():
         return hf(input_ids=batch.tokens, attention_mask=kw.pop("attention_mask", batch.attention_mask),
-                  position_ids=(batch.attention_mask.cumsum(1) - 1).clamp(min=0), **extra).logits
+                  position_ids=hf_positions(batch), **extra).logits
 
 
 @pytest.mark.parametrize("rows", [[0], [1], [0, 1, 2]], ids=["one_image", "two_images_different_aspect",
@@ -81,10 +81,7 @@ def test_knockout_matches_hf_attention_mask(pair):
     with knockout(model, batch.spans, "image.0.newline", "last", range(model.cfg.n_layers)):
         ko = model(batch)
     assert (ko[:, -1] - clean[:, -1]).abs().max() > 1e-4
-    L = batch.seq_len
-    allowed = (torch.tril(torch.ones(L, L, dtype=torch.bool))[None] & batch.attention_mask.bool()[:, None, :]
-               & ~edge_mask(batch.spans, "image.0.newline", "last"))
-    mask4 = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+    mask4 = hf_knockout_mask(batch, "image.0.newline", "last")
     assert (ko[:, -1] - _hf_logits(hf, batch, attention_mask=mask4)[:, -1]).abs().max() < TOL
 
 

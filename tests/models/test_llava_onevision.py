@@ -9,8 +9,14 @@ import torch
 
 from modality_circuits import HookedMLLM, Segment
 from modality_circuits.errors import UnsupportedArchitectureError
-from modality_circuits.interventions import edge_mask, knockout
-from modality_circuits.testing import random_images, tiny_bpe_tokenizer, tiny_llava_onevision
+from modality_circuits.interventions import knockout
+from modality_circuits.testing import (
+    hf_knockout_mask,
+    hf_positions,
+    random_images,
+    tiny_bpe_tokenizer,
+    tiny_llava_onevision,
+)
 
 TOL = 1e-4
 
@@ -41,7 +47,7 @@ def _hf_inputs(batch):
 def _hf_logits(hf, batch, **kw):
     with torch.no_grad():
         return hf(input_ids=batch.tokens, attention_mask=kw.pop("attention_mask", batch.attention_mask),
-                  position_ids=(batch.attention_mask.cumsum(1) - 1).clamp(min=0), **_hf_inputs(batch)).logits
+                  position_ids=hf_positions(batch), **_hf_inputs(batch)).logits
 
 
 @pytest.mark.parametrize("rows", [[0], [1], [0, 1, 2]], ids=["tiled_and_shrunk", "two_images_not_tiled",
@@ -73,10 +79,7 @@ def test_generation_and_knockout_equal_hf(pair):
     assert ours.tolist() == theirs[:, batch.tokens.shape[1]:].tolist()
     with knockout(model, batch.spans, "image.0.grid", "last", range(model.cfg.n_layers), allow_empty=True):
         ko = model(batch)
-    L = batch.seq_len
-    allowed = (torch.tril(torch.ones(L, L, dtype=torch.bool))[None] & batch.attention_mask.bool()[:, None, :]
-               & ~edge_mask(batch.spans, "image.0.grid", "last", allow_empty=True))
-    mask4 = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+    mask4 = hf_knockout_mask(batch, "image.0.grid", "last", allow_empty=True)
     assert (ko[:, -1] - _hf_logits(hf, batch, attention_mask=mask4)[:, -1]).abs().max() < TOL
     assert (ko[0, -1] - model(batch)[0, -1]).abs().max() > 1e-4
 
