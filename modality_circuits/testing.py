@@ -149,6 +149,31 @@ def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_mod
     return model.eval()
 
 
+def _text_config(cls: Any, tokenizer: Any, d_model: int, d_mlp: int, n_layers: int, n_heads: int, n_kv_heads: int,
+                 eps: float = 1e-6) -> Any:
+    """A tiny decoder config of class ``cls`` over ``tokenizer`` (untied embeddings)."""
+    return cls(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+               num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=2048,
+               rms_norm_eps=eps, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def _random_model(cls: Any, cfg: Any, seed: int, newline: bool = False) -> Any:
+    """``cls(cfg)`` seeded, eager attention, its matrices widened to N(0, 0.08) (and a learned ``image_newline`` to
+    N(0, 0.5)) so that differences show up in tests."""
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+        if newline:
+            model.model.image_newline.normal_(0, 0.5)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
 def tiny_llava_next(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
                     d_mlp: int = 128, image_size: int = 32, patch_size: int = 8, vision_layers: int = 2,
                     d_vision: int = 32, grid_pinpoints: Sequence[Sequence[int]] = ((32, 64), (64, 32), (64, 64)),
@@ -157,11 +182,7 @@ def tiny_llava_next(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64, n_h
     eager attention, fp32)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
-                       num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                       max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+    text = _text_config(LlamaConfig, tokenizer, d_model, d_mlp, n_layers, n_heads, n_kv_heads, eps=1e-5)
     vision = CLIPVisionConfig(hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
                               num_attention_heads=4, image_size=image_size, patch_size=patch_size,
                               projection_dim=d_vision)
@@ -169,16 +190,7 @@ def tiny_llava_next(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64, n_h
                           image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
                           image_grid_pinpoints=[list(p) for p in grid_pinpoints], vision_feature_layer=-2,
                           vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-        model.model.image_newline.normal_(0, 0.5)
-    model.config._attn_implementation = "eager"
-    return model.eval()
+    return _random_model(LlavaNextForConditionalGeneration, cfg, seed, newline=True)
 
 
 def tiny_llava_onevision(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
@@ -194,11 +206,7 @@ def tiny_llava_onevision(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64
         SiglipVisionConfig,
     )
 
-    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
-                       num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                       max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+    text = _text_config(Qwen2Config, tokenizer, d_model, d_mlp, n_layers, n_heads, n_kv_heads)
     vision = SiglipVisionConfig(hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
                                 num_attention_heads=4, image_size=image_size, patch_size=patch_size)
     s = image_size
@@ -207,16 +215,7 @@ def tiny_llava_onevision(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64
                                image_token_index=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
                                image_grid_pinpoints=pins, vision_feature_layer=-1,
                                vision_feature_select_strategy="full", vision_aspect_ratio=vision_aspect_ratio)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-        model.model.image_newline.normal_(0, 0.5)
-    model.config._attn_implementation = "eager"
-    return model.eval()
+    return _random_model(LlavaOnevisionForConditionalGeneration, cfg, seed, newline=True)
 
 
 IDEFICS3_SPECIALS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<|im_start|>",
@@ -237,25 +236,13 @@ def tiny_idefics3(tokenizer: Any, *, smolvlm: bool = False, n_layers: int = 2, d
     import transformers as tf
 
     prefix = "SmolVLM" if smolvlm else "Idefics3"
-    text = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
-                          num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                          max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
+    text = _text_config(tf.LlamaConfig, tokenizer, d_model, d_mlp, n_layers, n_heads, n_kv_heads, eps=1e-5)
     vision = getattr(tf, f"{prefix}VisionConfig")(hidden_size=d_vision, intermediate_size=2 * d_vision,
                                                    num_hidden_layers=vision_layers, num_attention_heads=4,
                                                    image_size=image_size, patch_size=patch_size)
     cfg = getattr(tf, f"{prefix}Config")(vision_config=vision, text_config=text, scale_factor=scale_factor,
                                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = getattr(tf, f"{prefix}ForConditionalGeneration")(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-    model.config._attn_implementation = "eager"
-    return model.eval()
+    return _random_model(getattr(tf, f"{prefix}ForConditionalGeneration"), cfg, seed)
 
 
 INTERNVL_SPECIALS = ("<img>", "</img>", "<|im_start|>", "<|im_end|>")
@@ -275,26 +262,14 @@ def tiny_internvl(tokenizer: Any, *, n_layers: int = 2, d_model: int = 64, n_hea
     decoder; eager attention, fp32): ``(image_size / patch_size / 2)²`` tokens per tile."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
 
-    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
-                       num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                       max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+    text = _text_config(Qwen2Config, tokenizer, d_model, d_mlp, n_layers, n_heads, n_kv_heads)
     vision = InternVLVisionConfig(hidden_size=d_vision, num_hidden_layers=vision_layers, num_attention_heads=4,
                                   intermediate_size=2 * d_vision, image_size=[image_size, image_size],
                                   patch_size=[patch_size, patch_size], use_qk_norm=use_qk_norm)
     cfg = InternVLConfig(vision_config=vision, text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
                          vision_feature_layer=vision_feature_layer, downsample_ratio=0.5, tie_word_embeddings=False)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(cfg)
-    with torch.no_grad():  # widen the random init so that differences show up in tests
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-    model.config._attn_implementation = "eager"
-    return model.eval()
+    return _random_model(InternVLForConditionalGeneration, cfg, seed)
 
 
 def tiny_toy_checkpoint(path: Any, seed: int = 0) -> Any:
