@@ -1,6 +1,7 @@
 """Forward-pass time of HookedMLLM relative to HF LLaVA on the same batch (fp32, eager attention, CPU).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_forward.py [--runs 15] [--threads 1]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_forward.py --model smollava --runs 7 --threads 2
 
 Two random configs: ``tiny`` (the test model) and ``mid`` (d_model 512, 8 layers, 8 heads, d_mlp 1376, a
 2-layer vision tower on 128x128 images with 8x8 patches = 256 image tokens per image). The batch holds two
@@ -81,6 +82,46 @@ def bench(name: str, tokenizer, runs: int, warmup: int) -> dict:
                 ratio_min=min(t_ours) / min(t_hf), diff=diff)
 
 
+def bench_checkpoint(spec: str, runs: int, warmup: int, n: int) -> None:
+    """HookedMLLM vs HF eager and HF sdpa on a real checkpoint (``smollava`` or a folder), ``n`` synthetic samples."""
+    from transformers import AutoModelForImageTextToText
+
+    from modality_circuits.cli.run import resolve_model
+    from modality_circuits.data.synthetic import checkpoint_data_spec, synthetic
+
+    path = resolve_model(spec)
+    model = HookedMLLM.from_pretrained(path)
+    hf = {impl: AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=impl).eval()
+          for impl in ("eager", "sdpa")}
+    samples = synthetic(n, seed=0, image_size=model.image_encoder.native_image_size or 32,
+                        distractors=checkpoint_data_spec(path)["distractors"])
+    batch = model.prepare(samples)
+    pos = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+    m = batch.attention_mask.bool()
+    fns = {"hooked": lambda: model(batch)}
+    for impl, h in hf.items():
+        fns[f"hf_{impl}"] = (lambda h=h: h(input_ids=batch.tokens, attention_mask=batch.attention_mask,
+                                           position_ids=pos, **batch.model_inputs).logits)
+    with torch.no_grad():
+        out = {k: f() for k, f in fns.items()}
+        diff = {k: float((out["hooked"][m] - out[k][m]).abs().max()) for k in ("hf_eager", "hf_sdpa")}
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(runs):  # alternate, so background load hits all alike
+            for k, f in fns.items():
+                times[k].append(timed(f))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{spec} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, vocab {model.cfg.d_vocab}): batch "
+          f"{len(batch)} x {batch.seq_len} tokens, {torch.get_num_threads()} thread(s), median of {runs} runs")
+    for k in fns:
+        print(f"  {k:<9} {1e3 * med[k]:9.1f} ms")
+    print(f"  ratio HookedMLLM / HF eager {med['hooked'] / med['hf_eager']:.3f} (goal <= 1.15); / HF sdpa "
+          f"{med['hooked'] / med['hf_sdpa']:.3f}; max |dlogit| vs eager {diff['hf_eager']:.1e}, vs sdpa "
+          f"{diff['hf_sdpa']:.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=15)
@@ -88,8 +129,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1 is the most stable on a shared CPU)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--model", default=None, help="a real checkpoint instead (smollava or a folder)")
+    ap.add_argument("--n", type=int, default=4, help="samples in the batch with --model (default: 4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model:
+        bench_checkpoint(args.model, args.runs, args.warmup, args.n)
+        return
     tokenizer = tiny_bpe_tokenizer()
     rows = [bench(name, tokenizer, args.runs, args.warmup) for name in args.configs]
     print(f"HookedMLLM vs HF LLaVA forward (fp32, eager, no_grad, batch 2, {args.threads} thread(s), "
