@@ -20,11 +20,9 @@ from torch import Tensor, nn
 from .._types import Float
 from ..errors import ImageTokenMismatchError
 from ..prompts import ChatTemplate
-from .base import Adapter, ImageGrid, register_adapter
+from .base import ImageGrid, register_adapter
+from .llava import CLIP_MEAN, CLIP_STD, LlavaAdapter
 from .qwen2_vl import QWEN_SYSTEM
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def pixel_shuffle(x: Float[Tensor, "n side side d"], scale: float) -> Float[Tensor, "n side2 side2 d2"]:
@@ -39,31 +37,25 @@ def pixel_shuffle(x: Float[Tensor, "n side side d"], scale: float) -> Float[Tens
 
 
 @register_adapter
-class InternVLAdapter(Adapter):
+class InternVLAdapter(LlavaAdapter):
+    """LLaVA's parts (vision tower, projector, feature layer and selection, image token), with InternViT's pixel
+    shuffle and per-image tiles."""
+
     hf_classes = ("InternVLForConditionalGeneration",)
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any, image_processor: Any = None):
-        super().__init__()
-        cfg = hf_model.config
-        self.vision_tower = hf_model.model.vision_tower
-        self.multi_modal_projector = hf_model.model.multi_modal_projector
-        self.vision_feature_layer = cfg.vision_feature_layer
-        self.vision_feature_select_strategy = cfg.vision_feature_select_strategy
-        self.downsample_ratio = float(cfg.downsample_ratio)
-        self.image_token_id = int(cfg.image_token_id)
-        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
-        vc = cfg.vision_config
-        size, patch = vc.image_size, vc.patch_size
-        self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
-        self.patch_size = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
-        side = self.image_size // self.patch_size
-        self.tile_side = int(side * self.downsample_ratio)
+        super().__init__(hf_model, tokenizer, image_processor)
+        self.downsample_ratio = float(hf_model.config.downsample_ratio)
+        self.tile_side = int(self.image_size // self.patch_size * self.downsample_ratio)
         self.tokens_per_tile = self.tile_side ** 2
         for t in ("<img>", "</img>"):
             if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id):
                 raise ImageTokenMismatchError(f"InternVL's tokenizer has no {t!r} token (it wraps every image in "
                                               "<img> … </img>); use the checkpoint's own tokenizer.")
-        self.image_processor = image_processor or self.default_image_processor(self.image_size)
+
+    @property
+    def fixed_tokens_per_image(self) -> int | None:
+        return None  # 1-12 tiles (+ thumbnail) per image
 
     @staticmethod
     def default_image_processor(size: int) -> Any:
@@ -78,10 +70,6 @@ class InternVLAdapter(Adapter):
         return ChatTemplate(system=QWEN_SYSTEM, user_prefix="<|im_start|>user\n", sep="\n", image_sep="\n",
                             assistant_prefix="<|im_end|>\n<|im_start|>assistant\n", image_prefix="<img>",
                             image_suffix="</img>")
-
-    @property
-    def native_image_size(self) -> int | None:
-        return self.image_size
 
     def image_grid(self, model_inputs: dict[str, Any], k: int) -> ImageGrid:
         tiles = model_inputs["pixel_values"][k].shape[0]

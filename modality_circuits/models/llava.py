@@ -26,6 +26,11 @@ LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence a
                 "helpful, detailed, and polite answers to the human's questions. ")
 
 
+def _side(size: Any) -> int:
+    """A square size given as an int or as ``[height, width]`` (InternViT's configs)."""
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
 @register_adapter
 class LlavaAdapter(Adapter):
     hf_classes = ("LlavaForConditionalGeneration",)
@@ -40,7 +45,7 @@ class LlavaAdapter(Adapter):
         self.image_token_id = int(cfg.image_token_id)
         self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
         vc = cfg.vision_config
-        self.image_size, self.patch_size = int(vc.image_size), int(vc.patch_size)
+        self.image_size, self.patch_size = _side(vc.image_size), _side(vc.patch_size)
         self.tokens_per_image = (self.image_size // self.patch_size) ** 2 + (
             1 if self.vision_feature_select_strategy == "full" else 0)
         self.image_processor = image_processor or self.default_image_processor(self.image_size)

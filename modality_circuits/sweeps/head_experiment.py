@@ -32,7 +32,7 @@ import torch
 from ..errors import InterventionError
 from ..interventions.base import Intervention, apply
 from ..interventions.heads import ScaleHeads, mean_z
-from ..metrics import score_dataset
+from ..metrics import following_scores
 from ..stats import bootstrap_ci
 from .heads import head_scores, score_matrix, select_heads
 from .units import sweep_in_units
@@ -70,19 +70,16 @@ def split_samples(samples: Sequence[Any], select_frac: float, seed: int) -> tupl
     return [samples[i] for i in idx[:k]], [samples[i] for i in idx[k:]]
 
 
-def _followed(model: HookedMLLM, samples: Sequence[Any], interventions: Sequence[Intervention], batch_size: int
-              ) -> torch.Tensor:
-    with apply(model, None, *interventions):
-        return score_dataset(model, samples, batch_size, progress=False).followed
-
-
 def follow_rows(model: HookedMLLM, samples: Sequence[Any], *, configs: Sequence[tuple[dict, Sequence[Intervention]]],
                 batch_size: int) -> pd.DataFrame:
     """Whether each sample follows its instruction under each configuration ``(label, interventions)``: one row per
-    sample × configuration (``sample_id``, the label's fields, ``followed``). One work unit of the experiment."""
+    sample × configuration (``sample_id``, the label's fields, ``followed``). One work unit of the experiment; the
+    prompts are built once and scored under every configuration."""
+    batches = [model.prepare(list(samples[i:i + batch_size])) for i in range(0, len(samples), batch_size)]
     rows = []
     for label, ivs in configs:
-        f = _followed(model, samples, ivs, batch_size)
+        with apply(model, None, *ivs):
+            f = torch.cat([following_scores(model, b).followed for b in batches])
         rows += [{"sample_id": s.id, **label, "followed": bool(x)} for s, x in zip(samples, f.tolist())]
     return pd.DataFrame(rows)
 
