@@ -2,7 +2,9 @@
 only what they can change.
 
 An intervention that first touches layer ``l0`` at positions ``≥ p0`` leaves every layer ``< l0`` and every
-position ``< p0`` of the clean run unchanged (attention is causal). So ``C`` configurations over a batch of ``B``
+position ``< p0`` of the clean run unchanged (attention is causal; with bidirectional image blocks, Gemma 3, ``p0``
+moves back to the start of a block it would split: :meth:`HookedMLLM.prefix_boundary`). So ``C`` configurations
+over a batch of ``B``
 prompts (length ``L``) need only::
 
     residual entering layer l0 at positions p0 … L-1     (clean run, repeated C times, config-major)
@@ -17,7 +19,8 @@ MLP at the last position only and just keys/values elsewhere. :func:`run` is the
     values = run(model, clean, [Knockout("image", "last", [3]), ScaleHeads([(2, 1)], 0.0)], "p_binary")  # [C, B]
 
 Knockout sweeps, head scans, blocking/amplification and patching are thin table-building wrappers over it. The
-rotary positions (M-RoPE) travel with the clean run's batch; nothing is read from an earlier forward.
+rotary positions (M-RoPE) and attention blocks travel with the clean run's batch
+(:meth:`HookedMLLM.prompt_context`); nothing is read from an earlier forward.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class CleanRun:
     Attributes:
         batch: the batch (carries spans, samples and rotary positions).
         resid: per layer, ``Float[Tensor, "batch pos d_model"]``.
-        keys, values: per layer, ``[batch, pos, n_kv_heads, d_head]`` (before rotary, as TransformerLens caches).
+        keys, values: per layer, ``[batch, pos, n_kv_heads, d_head]`` (after any q/k norm and before rotary, as
+            TransformerLens caches them).
         logits: ``[batch, pos, vocab]`` when recorded with ``keep_logits`` (metrics on full-length logits).
     """
 
@@ -64,10 +68,19 @@ class CleanRun:
         """One forward of ``batch`` (hooks active around the call apply: the "clean" run is what they make it)."""
         n = model.cfg.n_layers
         want = {f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
-        logits, cache = model.run_with_cache(batch, names_filter=lambda name: name in want,
-                                             return_type="logits" if keep_logits else None)
-        return cls(batch, [cache[f"blocks.{i}.hook_resid_pre"] for i in range(n)],
-                   [cache[f"blocks.{i}.attn.hook_k"] for i in range(n)],
+        normed: dict[int, Tensor] = {}  # q/k-norm models cache keys after the norm (hook_k is before it)
+        handles = [model.blocks[i].attn.k_norm.register_forward_hook(
+            lambda mod, inp, out, i=i: normed.__setitem__(i, out.detach())) for i in range(n)
+            if model.cfg.use_qk_norm]
+        try:
+            logits, cache = model.run_with_cache(batch, names_filter=lambda name: name in want,
+                                                 return_type="logits" if keep_logits else None)
+        finally:
+            for h in handles:
+                h.remove()
+        keys = [cache[f"blocks.{i}.attn.hook_k"] for i in range(n)]
+        keys = [normed[i].reshape(k.shape) if i in normed else k for i, k in enumerate(keys)]
+        return cls(batch, [cache[f"blocks.{i}.hook_resid_pre"] for i in range(n)], keys,
                    [cache[f"blocks.{i}.attn.hook_v"] for i in range(n)], logits)
 
     def suffix_pass(self, model: HookedMLLM, l0: int, p0: int, copies: int, with_cache: bool = True,
@@ -83,7 +96,7 @@ class CleanRun:
         L, n = mask.shape[1], model.cfg.n_layers
         l0 = max(0, min(int(l0), n - 1))
         p0 = max(0, min(int(p0), L - 1))
-        rope = model.rope_positions_of(self.batch)
+        ctx = model.prompt_context(self.batch)  # rotary positions, attention blocks
         split = last_only and stop_at_layer is None and p0 < L - 1 and can_split_last_block(model)
 
         def rep(t: Tensor) -> Tensor:
@@ -92,7 +105,7 @@ class CleanRun:
         def run() -> tuple[Tensor, Any]:
             if p0 == 0 and not with_cache and not split:
                 return model(rep(self.resid[l0]), start_at_layer=l0, stop_at_layer=stop_at_layer,
-                             attention_mask=rep(mask), rope_positions=rope), None
+                             attention_mask=rep(mask), **ctx), None
             entries = []
             for layer in range(n):
                 upto = p0 if layer >= l0 else L  # layers below l0 never run again: keep every position
@@ -101,21 +114,21 @@ class CleanRun:
             cache = TransformerLensKeyValueCache(entries, rep(mask[:, :p0]).to(torch.int))
             if not split:
                 out = model(rep(self.resid[l0][:, p0:]), start_at_layer=l0, stop_at_layer=stop_at_layer,
-                            attention_mask=rep(mask[:, p0:]), past_kv_cache=cache, rope_positions=rope)
+                            attention_mask=rep(mask[:, p0:]), past_kv_cache=cache, **ctx)
                 return out, (cache if with_cache else None)
             if l0 < n - 1:  # layers l0 … n-2 on positions p0 …: the final block's input
                 x = model(rep(self.resid[l0][:, p0:]), start_at_layer=l0, stop_at_layer=n - 1,
-                          attention_mask=rep(mask[:, p0:]), past_kv_cache=cache, rope_positions=rope)
+                          attention_mask=rep(mask[:, p0:]), past_kv_cache=cache, **ctx)
             else:
                 x = rep(self.resid[n - 1][:, p0:])
             blk = model.blocks[n - 1]
-            with forward_scope(ForwardState(offset=p0, rope_positions=rope)):  # keys/values of p0 … L-2
+            with forward_scope(ForwardState(offset=p0, **ctx)):  # keys/values of p0 … L-2
                 h = blk.ln1(blk.hook_resid_pre(x[:, :-1]))
                 _, kk, vv = blk.attn.calculate_qkv_matrices(h, h, h)
             cache.entries[n - 1].append(kk, vv)
             cache.previous_attention_mask = rep(mask[:, :L - 1]).to(torch.int)
             out = model(x[:, -1:], start_at_layer=n - 1, attention_mask=rep(mask[:, L - 1:]), past_kv_cache=cache,
-                        rope_positions=rope)
+                        **ctx)
             return out, (cache if with_cache else None)
 
         return run
@@ -157,7 +170,7 @@ def run(model: HookedMLLM, clean: CleanRun, configs: Sequence[Config], metric: M
     configs = list(configs)
     C = len(configs)
     l0 = first_layer(model, configs) if prefix else 0
-    p0 = first_position(batch, configs) if prefix else 0
+    p0 = model.prefix_boundary(batch, first_position(batch, configs)) if prefix else 0
     if l0 >= model.cfg.n_layers or p0 >= batch.seq_len:  # nothing changes: the clean run's last block is enough
         l0, p0 = model.cfg.n_layers - 1, batch.seq_len - 1
     with_cache = met.needs_cache(model, batch)

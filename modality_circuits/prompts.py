@@ -220,8 +220,8 @@ def build_batch(
         image_token: the placeholder string of one image token (e.g. ``"<image>"``).
         encode_images: images (and, if it takes ``images_per_prompt``, the number of images of each prompt) ->
             (model inputs such as ``pixel_values``, token count of each image: an int, or for tiled images
-            ``[(name, count), …]`` per tile, recorded as groups ``image.N.<name>``, where a ``(group, "text")`` pair
-            is literal text between the tiles, recorded as ``group``).
+            ``[(name, count), …]`` per tile, recorded as groups ``image.N.<name>`` (``image.N`` for the name
+            ``""``), where a ``(group, "text")`` pair is literal text between the tiles, recorded as ``group``).
         samples: optional source samples carried on the batch.
     """
     if not getattr(tokenizer, "is_fast", False):
@@ -250,7 +250,8 @@ def build_batch(
                     pieces.append((f"{IMAGE}.{n_images}", image_token * int(count)))
                 else:  # tiles: (name, tokens) pairs -> groups image.N.<name>, and image.N for all of them;
                     # (name, "text") pairs are literal text inside the image block (Idefics3's tile tags) -> group name
-                    pieces += [(sub, c) if isinstance(c, str) else (f"{IMAGE}.{n_images}.{sub}", image_token * int(c))
+                    pieces += [(sub, c) if isinstance(c, str) else
+                               (f"{IMAGE}.{n_images}" + (f".{sub}" if sub else ""), image_token * int(c))
                                for sub, c in count]
                 img_k += 1
                 n_images += 1

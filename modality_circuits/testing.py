@@ -383,3 +383,50 @@ def hf_parity(hf: Any, model: Any, batch: Any, max_new_tokens: int = 6) -> dict[
     img = batch.tokens == model.image_encoder.image_token_id
     return {"text": float(diff[m & ~img].max()), "image": float(diff[img].max()) if img.any() else 0.0,
             "ours": gen.tolist(), "theirs": ref[:, :gen.shape[1]].tolist()}
+
+
+GEMMA3_SPECIALS = ("<start_of_image>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>")
+
+
+def tiny_gemma3_tokenizer(corpus: Sequence[str] | str = DEFAULT_CORPUS, vocab_size: int = 300) -> Any:
+    """A tiny fast tokenizer with Gemma 3's image and turn tokens (``<image_soft_token>`` as the image token)."""
+    return tiny_bpe_tokenizer(corpus, vocab_size, image_token="<image_soft_token>", extra_specials=GEMMA3_SPECIALS)
+
+
+def tiny_gemma3(tokenizer: Any, *, n_layers: int = 4, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
+                d_head: int = 16, d_mlp: int = 128, image_size: int = 32, patch_size: int = 4,
+                tokens_per_image: int = 16, vision_layers: int = 2, d_vision: int = 32, sliding_window: int = 8,
+                sliding_pattern: int = 2, linear_factor: float | None = 8.0, softcap: float | None = None,
+                query_pre_attn_scalar: int = 24, seed: int = 0) -> Any:
+    """A random ``Gemma3ForConditionalGeneration`` (SigLIP tower, pooled projector, Gemma 3 decoder; eager
+    attention, fp32) with the real models' options at toy size: sliding-window layers (``sliding_window`` tokens,
+    every ``sliding_pattern``-th layer global), per-layer-type rotary (global layers with linear scaling
+    ``linear_factor`` as Gemma 3 4B+), ``query_pre_attn_scalar`` ≠ ``d_head``, tied embeddings, optional
+    soft-capping fields. The window is shorter than an image, so the tests exercise window and blocks together."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    full = {"rope_type": "default", "rope_theta": 1_000_000.0}
+    if linear_factor:
+        full = {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": float(linear_factor)}
+    types = ["full_attention" if (i + 1) % sliding_pattern == 0 else "sliding_attention" for i in range(n_layers)]
+    text = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=d_head, max_position_embeddings=2048,
+        query_pre_attn_scalar=query_pre_attn_scalar, sliding_window=sliding_window, layer_types=types,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": full},
+        final_logit_softcapping=softcap, attn_logit_softcapping=softcap,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    vision = SiglipVisionConfig(hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
+                                num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<image_soft_token>", "<start_of_image>", "<end_of_image>")}
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image,
+                       image_token_index=ids["<image_soft_token>"], boi_token_index=ids["<start_of_image>"],
+                       eoi_token_index=ids["<end_of_image>"])
+    model = _random_model(Gemma3ForConditionalGeneration, cfg, seed)
+    with torch.no_grad():  # Gemma norms are applied as 1 + w (HF initialises w to 0): make them matter
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.normal_(0, 0.1)
+    return model

@@ -63,6 +63,9 @@ class Adapter(nn.Module):
     hf_classes: ClassVar[tuple[str, ...]] = ()
     #: True when rotary positions depend on the images (M-RoPE): runs that do not start from the tokens need them.
     uses_rope_positions: ClassVar[bool] = False
+    #: True when image tokens attend to each other both ways (Gemma 3): runs that do not start from the tokens need
+    #: the blocks (:meth:`attention_blocks`), and a cached prefix may not end inside a block.
+    bidirectional_images: ClassVar[bool] = False
     image_token: str
     image_token_id: int
 
@@ -89,6 +92,12 @@ class Adapter(nn.Module):
 
     def default_template(self) -> ChatTemplate:
         return ChatTemplate()
+
+    @property
+    def template_placeholder(self) -> str:
+        """What the checkpoint's chat template writes for one image (replaced by the image's tokens); the image
+        token itself unless the processor expands another marker (Gemma 3's ``<start_of_image>``)."""
+        return self.image_token
 
     @property
     def native_image_size(self) -> int | None:
@@ -118,7 +127,7 @@ class Adapter(nn.Module):
         return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
     # ---------------------------------------------------------------- positions
-    def install(self, model: nn.Module, rope: RopeSpec | None) -> None:
+    def install(self, model: nn.Module, rope: RopeSpec | tuple[RopeSpec, ...] | None) -> None:
         """Set up the HookedTransformer's rotary embedding once it is built. Default: HF's 1-D rotary tables
         (:func:`~modality_circuits.models.rope.install_hf_rotary`); M-RoPE adapters override this."""
         if rope is not None:
@@ -127,6 +136,12 @@ class Adapter(nn.Module):
     def rope_positions(self, tokens: Tensor, attention_mask: Tensor, model_inputs: dict[str, Any]) -> Tensor | None:
         """Architecture-specific rotary positions of a full prompt (``[3, batch, pos]`` for M-RoPE), or None
         to use TransformerLens's 1-D positions from the attention mask."""
+        return None
+
+    def attention_blocks(self, tokens: Tensor, attention_mask: Tensor, model_inputs: dict[str, Any]
+                         ) -> Tensor | None:
+        """``Int[Tensor, "batch pos"]`` bidirectional block id of every position (``-1`` outside blocks), or None
+        for causal attention only (the default)."""
         return None
 
     @property

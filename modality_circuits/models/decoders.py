@@ -1,18 +1,20 @@
 """Text decoders of MLLMs -> ``HookedTransformerConfig`` + weights, exact or refused.
 
-Registered by the HF text config's ``model_type`` (``llama``, ``mistral``, ``qwen2``, and the Qwen-VL text
-decoders). Each :class:`DecoderSpec` declares which HF config fields it **converts**; :func:`check_text_config`
-compares every other field HF knows for that config class with the class default and refuses any non-default
-value it has no conversion for, naming field and value (:data:`IGNORED_FIELDS` lists the fields that do not
-change the decoder's computation, each with the reason). Rotary embeddings come from HF's own functions
+Registered by the HF text config's ``model_type`` (``llama``, ``mistral``, ``qwen2``, the Qwen-VL text decoders, and
+``gemma3_text``: Gemma norms ``(1 + w)``, sandwich norms, per-head q/k norms, scaled embeddings,
+``query_pre_attn_scalar``, per-layer-type rotary parameters; its soft-capping fields are read by HF's multimodal Gemma 3
+nowhere, so not here either). Each :class:`DecoderSpec` declares which HF config fields it **converts**;
+:func:`check_text_config` compares every other field HF knows for that config class with the class default and refuses
+any non-default value it has no conversion for, naming field and value (:data:`IGNORED_FIELDS` lists the fields that do
+not change the decoder's computation, each with the reason). Rotary embeddings come from HF's own functions
 (:mod:`~modality_circuits.models.rope`).
 
 Weights are mapped by :func:`llama_layer_weights` one HF tensor at a time, with **two-sided accounting**:
-:func:`load_decoder` asserts that every HookedTransformer parameter gets exactly one tensor of its shape and
-that every HF decoder weight was used (else :class:`~modality_circuits.errors.WeightConversionError` lists them).
-The parameters are views in HF's memory layout (no per-forward weight copies in TransformerLens's linear
-layers); when the HF model is owned by the loader they are the loaded tensors themselves and each HF layer is
-dropped once converted, so loading peaks near one copy of the weights.
+:func:`load_decoder` asserts that every HookedTransformer parameter gets exactly one tensor of its shape and that every
+HF decoder weight was used (else :class:`~modality_circuits.errors.WeightConversionError` lists them). The parameters
+are views in HF's memory layout (no per-forward weight copies in TransformerLens's linear layers); when the HF model is
+owned by the loader they are the loaded tensors themselves and each HF layer is dropped once converted, so loading peaks
+near one copy of the weights.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
 
 from ..errors import UnsupportedArchitectureError, WeightConversionError
-from .rope import RopeSpec, rope_spec
+from .rope import RopeSpec, layer_rope_specs, per_layer_type, rope_spec
 
 #: Fields HF knows that do not change what the decoder computes in eval mode (field -> why).
 IGNORED_FIELDS: dict[str, str] = {
@@ -54,7 +56,7 @@ LLAMA_FIELDS = frozenset({
 })
 
 #: HF ``hidden_act`` -> TransformerLens ``act_fn`` (same function).
-ACT_FNS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
+ACT_FNS = {"silu": "silu", "gelu": "gelu", "relu": "relu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class DecoderSpec:
         cfg_fn: HF text config -> ``HookedTransformerConfig`` fields.
         checks: extra validation of field values (raises :class:`UnsupportedArchitectureError`).
         qkv_bias: q/k/v projections always have biases (Qwen2).
+        layer_weights: ``(HF layer, index, cfg)`` -> ``(TL parameter, tensor, HF weight)`` triples (None: Llama's).
+        gemma_norms: RMSNorm weights are stored as ``w`` and applied as ``1 + w`` (Gemma); the embeddings are
+            multiplied by ``sqrt(d_model)`` (folded into ``W_E``, so the unembedding keeps its own copy).
     """
 
     tl_architecture: str
@@ -74,6 +79,9 @@ class DecoderSpec:
     cfg_fn: Callable[[Any], dict]
     checks: Callable[[Any], None] = lambda c: None
     qkv_bias: bool = False
+    layer_weights: Callable[[nn.Module, int, HookedTransformerConfig],
+                            Iterator[tuple[str, Tensor, str | None]]] | None = None
+    gemma_norms: bool = False
 
 
 DECODERS: dict[str, DecoderSpec] = {}
@@ -149,6 +157,67 @@ register_decoder("qwen2_vl_text", DecoderSpec("Qwen2ForCausalLM", _QWEN2_FIELDS,
 register_decoder("qwen2_5_vl_text", DecoderSpec("Qwen2ForCausalLM", _QWEN2_FIELDS, _qwen2_cfg, qkv_bias=True))
 
 
+def _gemma3_cfg(c: Any) -> dict:
+    act = c.hidden_activation
+    if act not in ACT_FNS:
+        _refuse(c, "hidden_activation", act, f"supported activations are {sorted(ACT_FNS)}")
+    dh = d_head(c)
+    d = {
+        "d_model": c.hidden_size, "d_head": dh, "n_heads": c.num_attention_heads,
+        "d_mlp": c.intermediate_size, "n_layers": c.num_hidden_layers, "n_ctx": c.max_position_embeddings,
+        "eps": c.rms_norm_eps, "d_vocab": c.vocab_size, "act_fn": ACT_FNS[act],
+        "n_key_value_heads": (c.num_key_value_heads if c.num_key_value_heads != c.num_attention_heads else None),
+        "normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False,
+        "rotary_dim": dh, "final_rms": True, "gated_mlp": True, "use_qk_norm": True,
+        "use_normalization_before_and_after": True,
+        "use_attn_scale": True, "attn_scale": float(c.query_pre_attn_scalar) ** 0.5,  # HF: scores · qpas^-0.5
+    }
+    # attn_logit_softcapping / final_logit_softcapping: HF's Gemma 3 attention never passes the former to its
+    # attention function, and Gemma3ForConditionalGeneration never applies the latter (transformers 5.23), so
+    # neither is applied here: exactly HF (tests/models/test_gemma3.py sets both and compares).
+    sliding = _sliding_layers(c)
+    if any(sliding):
+        d.update(window_size=int(c.sliding_window), use_local_attn=True,
+                 attn_types=["local" if s else "global" for s in sliding])
+    return d
+
+
+def _gemma3_checks(c: Any) -> None:
+    if getattr(c, "use_bidirectional_attention", False):
+        _refuse(c, "use_bidirectional_attention", True, "a bidirectional text decoder (EmbeddingGemma) is not a "
+                "causal language model")
+
+
+def _one_plus(w: Tensor) -> Tensor:
+    """A Gemma RMSNorm weight as it is applied: ``1 + w``, in float32 (HF computes the norm in float32)."""
+    return 1.0 + w.detach().float()
+
+
+def gemma3_layer_weights(layer: nn.Module, i: int, cfg: HookedTransformerConfig
+                         ) -> Iterator[tuple[str, Tensor, str | None]]:
+    """Decoder layer ``i`` of Gemma 3: Llama's projections; sandwich norms (``ln1``/``ln1_post`` around attention,
+    ``ln2``/``ln2_post`` around the MLP) and per-head ``q_norm``/``k_norm``, each as ``1 + w``."""
+    b, h = f"blocks.{i}", f"layers.{i}"
+    for name, t, hf in llama_layer_weights(layer, i, cfg):
+        if not name.endswith(("ln1.w", "ln2.w")):
+            yield name, t, hf
+    for tl, mod, hf in (("ln1.w", layer.input_layernorm, "input_layernorm"),
+                        ("ln1_post.w", layer.post_attention_layernorm, "post_attention_layernorm"),
+                        ("ln2.w", layer.pre_feedforward_layernorm, "pre_feedforward_layernorm"),
+                        ("ln2_post.w", layer.post_feedforward_layernorm, "post_feedforward_layernorm"),
+                        ("attn.q_norm.w", layer.self_attn.q_norm, "self_attn.q_norm"),
+                        ("attn.k_norm.w", layer.self_attn.k_norm, "self_attn.k_norm")):
+        yield f"{b}.{tl}", _one_plus(mod.weight), f"{h}.{hf}.weight"
+
+
+_GEMMA3_FIELDS = (LLAMA_FIELDS - {"hidden_act"}) | {
+    "hidden_activation", "attention_bias", "query_pre_attn_scalar", "sliding_window", "layer_types",
+    "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention",
+    "_sliding_window_pattern"}  # the pattern only generates layer_types when a config has none
+register_decoder("gemma3_text", DecoderSpec("Gemma3ForCausalLM", _GEMMA3_FIELDS, _gemma3_cfg, _gemma3_checks,
+                                            layer_weights=gemma3_layer_weights, gemma_norms=True))
+
+
 def decoder_spec(text_config: Any) -> DecoderSpec:
     mt = getattr(text_config, "model_type", None)
     if mt not in DECODERS:
@@ -179,11 +248,12 @@ def check_text_config(text_config: Any) -> DecoderSpec:
 
 
 def build_cfg(text_config: Any, dtype: torch.dtype, device: str | torch.device, **overrides: Any
-              ) -> tuple[HookedTransformerConfig, RopeSpec]:
+              ) -> tuple[HookedTransformerConfig, RopeSpec | tuple[RopeSpec, ...]]:
     """``(HookedTransformerConfig, HF rotary spec)`` for an HF text config (no hub access; refuses what it cannot
     convert exactly)."""
     spec = check_text_config(text_config)
-    rope = rope_spec(text_config, d_head(text_config))
+    rope = (layer_rope_specs(text_config, d_head(text_config)) if per_layer_type(text_config)
+            else rope_spec(text_config, d_head(text_config)))
     d = spec.cfg_fn(text_config)
     d.update(original_architecture=spec.tl_architecture, dtype=dtype, device=str(device), n_devices=1,
              default_prepend_bos=False, tokenizer_prepends_bos=False, init_weights=False)
@@ -229,7 +299,7 @@ def hf_decoder_weights(body: nn.Module, lm_head: nn.Module) -> set[str]:
 
 @torch.no_grad()
 def load_decoder(model: nn.Module, body: nn.Module, lm_head: nn.Module, free_source: bool = False,
-                 exclude_prefix: str = "image_encoder.") -> None:
+                 exclude_prefix: str = "image_encoder.", spec: DecoderSpec | None = None) -> None:
     """Make ``model``'s decoder parameters the HF decoder's (``embed_tokens``, ``layers``, ``norm``, ``lm_head``).
 
     Each TransformerLens parameter becomes a rearranged *view* of an HF-layout tensor (``W_Q = q_proj.weight``
@@ -241,7 +311,8 @@ def load_decoder(model: nn.Module, body: nn.Module, lm_head: nn.Module, free_sou
     once converted. A tied ``lm_head`` is a view of ``W_E`` (one copy).
 
     Two-sided: every parameter of ``model`` (outside ``exclude_prefix``) gets one tensor of its shape (zero for
-    biases the HF decoder does not have), and every HF weight is used.
+    biases the HF decoder does not have), and every HF weight is used. ``spec`` (the decoder family; default
+    Llama's layout) gives the layer mapping and Gemma's embedding scale and ``1 + w`` norms.
     """
     cfg = model.cfg
     params = {k: p for k, p in model.named_parameters() if not k.startswith(exclude_prefix)}
@@ -267,14 +338,21 @@ def load_decoder(model: nn.Module, body: nn.Module, lm_head: nn.Module, free_sou
         if hf is not None:
             used.add(hf)
 
-    tied = lm_head.weight is body.embed_tokens.weight
-    put("embed.W_E", body.embed_tokens.weight, "embed_tokens.weight")
+    layer_weights = (spec.layer_weights if spec is not None and spec.layer_weights else llama_layer_weights)
+    gemma = spec is not None and spec.gemma_norms
+    tied = lm_head.weight is body.embed_tokens.weight and not gemma
+    if gemma:  # HF: embedding(ids) · sqrt(d_model) in the weights' dtype; the same product, taken once
+        w = body.embed_tokens.weight.detach().to(cfg.dtype)
+        put("embed.W_E", w * torch.tensor(cfg.d_model ** 0.5, dtype=torch.float32).to(cfg.dtype),
+            "embed_tokens.weight")
+    else:
+        put("embed.W_E", body.embed_tokens.weight, "embed_tokens.weight")
     for i in range(len(body.layers)):
-        for name, t, hf in llama_layer_weights(body.layers[i], i, cfg):
+        for name, t, hf in layer_weights(body.layers[i], i, cfg):
             put(name, t, hf)
         if free_source:
             body.layers[i] = nn.Module()  # drop the HF layer (its tensors live on only as our views)
-    put("ln_final.w", body.norm.weight, "norm.weight")
+    put("ln_final.w", (1.0 + body.norm.weight.detach().float()) if gemma else body.norm.weight, "norm.weight")
     if tied:  # share W_E's storage instead of a second vocab x d_model copy (untie before editing either)
         model.unembed.W_U = nn.Parameter(model.embed.W_E.T, requires_grad=params["unembed.W_U"].requires_grad)
         filled.add("unembed.W_U")

@@ -8,12 +8,14 @@ tensors and are needed inside it:
   masks, which are in prompt coordinates.
 * ``rope_positions``: the architecture's rotary positions of the whole prompt (M-RoPE: ``[3, batch, pos]``),
   which the M-RoPE attention reads.
+* ``attention_blocks``: the prompt's bidirectional attention blocks (Gemma 3: each image's tokens attend to each
+  other both ways), which the block-mask attention reads.
 
 :meth:`HookedMLLM.forward <modality_circuits.models.HookedMLLM.forward>` computes both from its arguments (the
 batch carries the rotary positions) and publishes them with :func:`forward_scope` for the duration of the call
 only: the previous state is restored when the call returns or raises, so no forward depends on what an earlier
 forward did. Hooks receive the state as an explicit argument (see
-:func:`modality_circuits.interventions.base.tl_hook`); only that adapter and the M-RoPE attention read
+:func:`modality_circuits.interventions.base.tl_hook`); only the M-RoPE and block-mask attentions read
 :func:`current`.
 """
 
@@ -35,10 +37,13 @@ class ForwardState:
         offset: absolute position of the first input position (number of KV-cached positions before it).
         rope_positions: ``Int[Tensor, "3 batch pos"]`` M-RoPE positions of the whole prompt, or None (1-D
             positions from the attention mask, TransformerLens's rule).
+        attention_blocks: ``Int[Tensor, "batch pos"]`` block id of every prompt position (``-1``: not in a block);
+            queries and keys of one block see each other regardless of order. None: causal attention only.
     """
 
     offset: int = 0
     rope_positions: Tensor | None = None
+    attention_blocks: Tensor | None = None
 
 
 _STATE: ContextVar[ForwardState] = ContextVar("modality_circuits_forward_state",

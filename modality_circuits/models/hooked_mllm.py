@@ -32,7 +32,7 @@ from ..chat_template import HFChatTemplate, checkpoint_template
 from ..errors import ImageTokenMismatchError, NumericalError
 from ..prompts import ChatTemplate, MLLMBatch, Segment, build_batch, split_placeholders
 from .base import Adapter
-from .decoders import build_cfg, load_decoder
+from .decoders import build_cfg, decoder_spec, load_decoder
 from .devices import check_n_devices, placement
 from .forward_state import ForwardState, forward_scope
 from .rope import RopeSpec
@@ -49,7 +49,7 @@ class HookedMLLM(HookedTransformer):
 
     def __init__(self, cfg: Any, image_encoder: Adapter, tokenizer: Any,
                  template: ChatTemplate | HFChatTemplate | None = None, source: str = "<in-memory>",
-                 rope: RopeSpec | None = None):
+                 rope: RopeSpec | tuple[RopeSpec, ...] | None = None):
         # The tokenizer is attached by hand: TL's set_tokenizer may re-load it by name from the hub.
         super().__init__(cfg, tokenizer=None, move_to_device=False)
         self.tokenizer = tokenizer
@@ -57,7 +57,8 @@ class HookedMLLM(HookedTransformer):
         self.image_encoder = image_encoder
         self.hook_image_embeds = HookPoint()  # [img_tok, d_model]
         fallback = image_encoder.default_template()  # hand-written layout: only for tokenizers without a template
-        self.template = template or checkpoint_template(tokenizer, image_encoder.image_token, fallback.sep) or fallback
+        self.template = (template or checkpoint_template(tokenizer, image_encoder.template_placeholder, fallback.sep)
+                         or fallback)
         self.source = source
         image_encoder.install(self, rope)
         self.setup()
@@ -99,7 +100,7 @@ class HookedMLLM(HookedTransformer):
         adapter = adapter_cls(hf_model, tokenizer, image_processor)
         model = cls(cfg, adapter, tokenizer, template=template, source=source, rope=rope)
         body, lm_head = adapter_cls.language_model(hf_model)
-        load_decoder(model, body, lm_head, free_source=free_source)
+        load_decoder(model, body, lm_head, free_source=free_source, spec=decoder_spec(text_cfg))
         if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
             if model.unembed.W_U.data_ptr() == model.embed.W_E.data_ptr():  # untie before editing W_U
                 model.unembed.W_U = torch.nn.Parameter(model.unembed.W_U.detach().clone())
@@ -187,6 +188,26 @@ class HookedMLLM(HookedTransformer):
             return batch.rope_positions
         return self.image_encoder.rope_positions(batch.tokens, batch.attention_mask, batch.model_inputs)
 
+    def prompt_context(self, batch: MLLMBatch) -> dict[str, Tensor | None]:
+        """What a forward that does not start at ``batch``'s tokens (``start_at_layer``, a KV-cache continuation)
+        must be given about the prompt: ``{"rope_positions": …, "attention_blocks": …}`` (pass as ``**kwargs``)."""
+        blocks = None
+        if self.image_encoder.bidirectional_images:
+            blocks = self.image_encoder.attention_blocks(batch.tokens, batch.attention_mask, batch.model_inputs)
+        return {"rope_positions": self.rope_positions_of(batch), "attention_blocks": blocks}
+
+    def prefix_boundary(self, batch: MLLMBatch, p0: int) -> int:
+        """The largest position ``≤ p0`` at which a cached prefix may end: ``p0`` itself under causal attention;
+        with bidirectional image blocks, the start of a block that ``p0`` falls inside (its earlier tokens see the
+        later ones)."""
+        blocks = self.prompt_context(batch)["attention_blocks"]
+        if blocks is None or p0 <= 0 or p0 >= blocks.shape[1]:
+            return p0
+        inside = (blocks[:, p0] >= 0) & (blocks[:, p0] == blocks[:, p0 - 1])  # rows where p0 splits a block
+        starts = [int((blocks[row, :p0] == blocks[row, p0]).nonzero().min())
+                  for row in torch.nonzero(inside).flatten().tolist()]
+        return min([p0, *starts])
+
     # ================================================================== forward
     def embed_inputs(self, tokens: Int[Tensor, "batch pos"], image_features: Tensor | None = None,
                      **encoder_inputs: Any) -> Float[Tensor, "batch pos d_model"]:
@@ -222,7 +243,8 @@ class HookedMLLM(HookedTransformer):
                 start_at_layer: int | None = None, stop_at_layer: int | None = None,
                 past_kv_cache: TransformerLensKeyValueCache | None = None, tokens: Tensor | None = None,
                 loss_per_token: bool = False, image_features: Tensor | None = None, check_finite: bool = False,
-                rope_positions: Tensor | None = None, **encoder_inputs: Any) -> Any:
+                rope_positions: Tensor | None = None, attention_blocks: Tensor | None = None,
+                **encoder_inputs: Any) -> Any:
         """Forward pass (TL semantics) with images.
 
         Args:
@@ -238,6 +260,9 @@ class HookedMLLM(HookedTransformer):
                 a layer or continue a KV cache must pass them (M-RoPE architectures refuse to guess). They are
                 published to the attention for this call only (:mod:`~.forward_state`): no forward depends on
                 an earlier one.
+            attention_blocks: bidirectional attention blocks of the whole prompt (``[batch, pos]``, Gemma 3's
+                images); computed from the tokens like ``rope_positions``, and likewise needed by runs that do not
+                start from them (``**model.prompt_context(batch)`` gives both).
         """
         if isinstance(input, (str, list)) and (isinstance(input, str) or (input and isinstance(input[0], str))):
             input = self.prepare([input] if isinstance(input, str) else input,
@@ -248,6 +273,8 @@ class HookedMLLM(HookedTransformer):
             attention_mask = batch.attention_mask if attention_mask is None else attention_mask
             if rope_positions is None and not encoder_inputs:  # overridden inputs: recompute (and check) below
                 rope_positions = self.rope_positions_of(batch)
+            if attention_blocks is None and not encoder_inputs:
+                attention_blocks = self.prompt_context(batch)["attention_blocks"]
             encoder_inputs = {**batch.model_inputs, **encoder_inputs}
             input = tokens
         # absolute position of the first input position (cached prefix length), published to hooks below
@@ -264,6 +291,9 @@ class HookedMLLM(HookedTransformer):
             if rope_positions is None and offset == 0:
                 rope_positions = self.image_encoder.rope_positions(tokens, attention_mask.to(tokens.device),
                                                                    encoder_inputs)
+            if attention_blocks is None and offset == 0:
+                attention_blocks = self.image_encoder.attention_blocks(tokens, attention_mask.to(tokens.device),
+                                                                       encoder_inputs)
             if past_kv_cache is not None:
                 attention_mask = past_kv_cache.append_attention_mask(attention_mask)
             start_at_layer = 0
@@ -276,7 +306,13 @@ class HookedMLLM(HookedTransformer):
                 f"{type(self.image_encoder).__name__}'s rotary positions depend on the prompt's images, and this run "
                 "does not start from the prompt's tokens (start_at_layer or a KV cache): pass "
                 "rope_positions=batch.rope_positions (batches from model.prepare(...) carry them).")
-        with forward_scope(ForwardState(offset=offset, rope_positions=rope_positions)):
+        if attention_blocks is None and self.image_encoder.bidirectional_images and not from_prompt_start:
+            raise ImageTokenMismatchError(
+                f"{type(self.image_encoder).__name__}'s image tokens attend to each other both ways, and this run "
+                "does not start from the prompt's tokens (start_at_layer or a KV cache): pass "
+                "**model.prompt_context(batch) (the prompt's attention blocks).")
+        with forward_scope(ForwardState(offset=offset, rope_positions=rope_positions,
+                                        attention_blocks=attention_blocks)):
             out = super().forward(residual, return_type=return_type, start_at_layer=start_at_layer,
                                   stop_at_layer=stop_at_layer, past_kv_cache=past_kv_cache,
                                   attention_mask=attention_mask.to(self.cfg.device) if attention_mask is not None
@@ -304,7 +340,8 @@ class HookedMLLM(HookedTransformer):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or 0)
         B = len(batch)
         mask = batch.attention_mask.to(self.cfg.device)
-        rope = self.rope_positions_of(batch)
+        ctx = self.prompt_context(batch)
+        rope = ctx["rope_positions"]
         finished = torch.zeros(B, dtype=torch.bool, device=self.cfg.device)
         out = []
         if use_past_kv_cache:
@@ -327,8 +364,7 @@ class HookedMLLM(HookedTransformer):
             if finished.all() or len(out) == max_new_tokens:
                 break
             if use_past_kv_cache:
-                logits = self(nxt[:, None], attention_mask=torch.ones_like(nxt)[:, None], past_kv_cache=cache,
-                              rope_positions=rope)
+                logits = self(nxt[:, None], attention_mask=torch.ones_like(nxt)[:, None], past_kv_cache=cache, **ctx)
             else:
                 tokens = torch.cat([tokens, nxt[:, None]], 1)
                 mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)

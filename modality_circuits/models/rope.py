@@ -15,6 +15,8 @@ in the ``rotate_half`` layout. :func:`rope_spec` calls HF's own functions, so th
 :func:`hf_rotary_class` subclasses TransformerLens's attention class of every block when the model is built
 (:func:`install_hf_rotary`): it computes TransformerLens's ``rotary_sin``/``rotary_cos`` tables from
 the HF frequencies and grows them on demand. M-RoPE (Qwen-VL) uses the same :class:`RopeSpec` in its adapter.
+Checkpoints whose ``rope_parameters`` hold one entry per layer type (Gemma 3: ``sliding_attention`` with theta 1e4,
+``full_attention`` with theta 1e6 and possibly linear scaling) get one spec per layer (:func:`layer_rope_specs`).
 """
 
 from __future__ import annotations
@@ -70,22 +72,43 @@ class RopeSpec:
         return (emb.sin() * self.attention_scaling).to(dtype), (emb.cos() * self.attention_scaling).to(dtype)
 
 
-def _rope_parameters(tc: Any) -> dict:
+def _rope_parameters(tc: Any, layer_type: str | None = None) -> dict:
     rp = getattr(tc, "rope_parameters", None)
     if rp is None:
         raise UnsupportedArchitectureError(
             f"Text config {type(tc).__name__} has no rope_parameters; it was not written by transformers >= 5 "
             "and cannot be converted exactly. Re-save the checkpoint with transformers 5 (save_pretrained).")
+    if layer_type is not None:
+        if not isinstance(rp.get(layer_type), dict):
+            raise UnsupportedArchitectureError(
+                f"rope_parameters has no entry for layer type {layer_type!r} (it has {sorted(rp)}).")
+        return dict(rp[layer_type])
     if any(isinstance(v, dict) for v in rp.values()):
         raise UnsupportedArchitectureError(
-            f"rope_parameters has per-layer-type entries ({sorted(rp)}); layer-dependent rotary embeddings are not "
-            "converted.")
+            f"rope_parameters has per-layer-type entries ({sorted(rp)}) but the config has no layer_types naming "
+            "them; layer-dependent rotary embeddings are converted only with layer_types.")
     return dict(rp)
 
 
-def rope_spec(tc: Any, head_dim: int) -> RopeSpec:
-    """HF's rotary parameters of text config ``tc`` (refuses what cannot be reproduced exactly)."""
-    rp = _rope_parameters(tc)
+def per_layer_type(tc: Any) -> bool:
+    """Whether ``tc.rope_parameters`` holds one entry per layer type (Gemma 3)."""
+    rp = getattr(tc, "rope_parameters", None) or {}
+    return bool(rp) and all(isinstance(v, dict) for v in rp.values())
+
+
+def layer_rope_specs(tc: Any, head_dim: int) -> tuple[RopeSpec, ...]:
+    """One :class:`RopeSpec` per layer: the entry of ``rope_parameters`` named by the layer's ``layer_types``."""
+    types = getattr(tc, "layer_types", None)
+    if not types:
+        _rope_parameters(tc)  # raises: per-layer entries without layer_types
+    specs = {t: rope_spec(tc, head_dim, layer_type=t) for t in sorted(set(types))}
+    return tuple(specs[t] for t in types)
+
+
+def rope_spec(tc: Any, head_dim: int, layer_type: str | None = None) -> RopeSpec:
+    """HF's rotary parameters of text config ``tc`` (of the ``layer_type`` entry when the parameters are per layer
+    type; refuses what cannot be reproduced exactly)."""
+    rp = _rope_parameters(tc, layer_type)
     rtype = rp.get("rope_type", "default")
     if rtype not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedArchitectureError(
@@ -102,7 +125,8 @@ def rope_spec(tc: Any, head_dim: int) -> RopeSpec:
     else:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rtype](tc, torch.device("cpu"))
+        kw = {"layer_type": layer_type} if layer_type is not None else {}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rtype](tc, torch.device("cpu"), **kw)
     if 2 * inv_freq.shape[0] != head_dim:
         raise UnsupportedArchitectureError(
             f"rope_type={rtype!r} gives {inv_freq.shape[0]} frequencies for head_dim={head_dim}; only rotary on the "
@@ -142,11 +166,16 @@ def hf_rotary_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def install_hf_rotary(model: nn.Module, spec: RopeSpec) -> None:
-    """Make every block's attention use HF's rotary tables (called once, when the model is built)."""
-    if spec.rotary_dim != model.cfg.rotary_dim:
-        raise UnsupportedArchitectureError(f"rotary_dim {model.cfg.rotary_dim} != the rope spec's {spec.rotary_dim}.")
-    for block in model.blocks:
+def install_hf_rotary(model: nn.Module, spec: RopeSpec | tuple[RopeSpec, ...]) -> None:
+    """Make every block's attention use HF's rotary tables (called once, when the model is built); ``spec`` is one
+    spec for all layers or one per layer."""
+    specs = spec if isinstance(spec, tuple) else (spec,) * len(model.blocks)
+    if len(specs) != len(model.blocks):
+        raise UnsupportedArchitectureError(f"{len(specs)} rotary specs for {len(model.blocks)} layers.")
+    for block, spec in zip(model.blocks, specs):
+        if spec.rotary_dim != model.cfg.rotary_dim:
+            raise UnsupportedArchitectureError(
+                f"rotary_dim {model.cfg.rotary_dim} != the rope spec's {spec.rotary_dim}.")
         attn = block.attn
         attn.__class__ = hf_rotary_class(type(attn))
         attn.hf_rope = spec

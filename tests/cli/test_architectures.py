@@ -1,5 +1,6 @@
-"""``reproduce`` runs every stage end to end on tiny Qwen2-VL, Qwen2.5-VL and InternVL checkpoints (the LLaVA path
-is covered by test_cli.py), and the attention-over-image view follows each architecture's own patch grid."""
+"""``reproduce`` runs every stage end to end on tiny Qwen2-VL, Qwen2.5-VL, tiled (InternVL, LLaVA-NeXT / OneVision,
+SmolVLM) and Gemma 3 checkpoints (the LLaVA path is covered by test_cli.py), and the attention-over-image view
+follows each architecture's own patch grid."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from modality_circuits.testing import (
     DEFAULT_CORPUS,
     random_images,
     tiny_bpe_tokenizer,
+    tiny_gemma3,
+    tiny_gemma3_tokenizer,
     tiny_idefics3,
     tiny_idefics3_tokenizer,
     tiny_internvl,
@@ -68,9 +71,15 @@ def test_reproduce_end_to_end_on_qwen_vl(tmp_path, version):
 
 
 def write_tiny_tiled(path: Path, arch: str) -> Path:
-    """A tiny random InternVL, LLaVA-NeXT, LLaVA-OneVision or SmolVLM checkpoint (Pil processor; the tokenizer
+    """A tiny random InternVL, LLaVA-NeXT, LLaVA-OneVision, SmolVLM or Gemma 3 checkpoint (Pil processor; the tokenizer
     covers the synthetic data)."""
-    if arch == "internvl":
+    if arch == "gemma3":
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        tok = tiny_gemma3_tokenizer(_corpus(), vocab_size=800)
+        hf = tiny_gemma3(tok)
+        proc = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    elif arch == "internvl":
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
         tok = tiny_internvl_tokenizer(_corpus(), vocab_size=800)
@@ -108,7 +117,8 @@ def write_tiny_tiled(path: Path, arch: str) -> Path:
 @pytest.mark.parametrize("arch,adapter,grid", [("internvl", "InternVLAdapter", (4, 4)),
                                                ("llava_next", "LlavaNextAdapter", (4, 4)),
                                                ("llava_onevision", "LlavaOnevisionAdapter", (4, 4)),
-                                               ("smolvlm", "Idefics3Adapter", (4, 4))])
+                                               ("smolvlm", "Idefics3Adapter", (4, 4)),
+                                               ("gemma3", "Gemma3Adapter", (4, 4))])
 def test_reproduce_end_to_end_on_tiled_architectures(tmp_path, arch, adapter, grid):
     ckpt = write_tiny_tiled(tmp_path / "ckpt", arch)
     model = HookedMLLM.from_pretrained(ckpt)
@@ -120,7 +130,8 @@ def test_reproduce_end_to_end_on_tiled_architectures(tmp_path, arch, adapter, gr
     assert manifest["model"]["architecture"] == {"internvl": "InternVLForConditionalGeneration",
                                                  "llava_next": "LlavaNextForConditionalGeneration",
                                                  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-                                                 "smolvlm": "SmolVLMForConditionalGeneration"}[arch]
+                                                 "smolvlm": "SmolVLMForConditionalGeneration",
+                                                 "gemma3": "Gemma3ForConditionalGeneration"}[arch]
     assert {"knockout", "contributions", "anchors", "heads", "patching"} <= set(manifest["results"])
     maps = json.loads((out / "image_attention.json").read_text())
     assert maps and all(np.asarray(m["grid"]).shape == grid for m in maps)  # one tile / the base tile: 4 x 4

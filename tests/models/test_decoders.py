@@ -159,7 +159,7 @@ REFUSED = {
                  r"rope_type='longrope'"),
     "partial_rotary": ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                             "partial_rotary_factor": 0.5}}, r"partial_rotary_factor=0.5"),
-    "hidden_act": ({"hidden_act": "gelu_pytorch_tanh"}, r"hidden_act='gelu_pytorch_tanh'"),
+    "hidden_act": ({"hidden_act": "quick_gelu"}, r"hidden_act='quick_gelu'"),
 }
 
 

@@ -269,7 +269,8 @@ def test_unknown_decoder_type():
     class Cfg:
         model_type = "gpt2"
 
-    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2' is not supported.*\['llama', 'mistral', 'qwen2'"):
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"'gpt2' is not supported.*\['gemma3_text', 'llama', 'mistral', 'qwen2'"):
         decoder_spec(Cfg())
 
 
