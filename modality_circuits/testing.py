@@ -103,8 +103,9 @@ def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_mod
                  n_kv_heads: int = 2, d_mlp: int = 128, mrope_section: Sequence[int] = (2, 3, 3),
                  patch_size: int = 4, vision_depth: int = 2, d_vision: int = 32, seed: int = 0,
                  text_overrides: dict[str, Any] | None = None) -> Any:
-    """A random ``Qwen2VLForConditionalGeneration`` (``version="2"``) or ``Qwen2_5_VLForConditionalGeneration``
-    (``"2.5"``), eager attention, fp32. Use with ``Qwen2VLImageProcessorPil(patch_size=patch_size, ...)``."""
+    """A random ``Qwen2VLForConditionalGeneration`` (``version="2"``), ``Qwen2_5_VLForConditionalGeneration``
+    (``"2.5"``) or ``Qwen3VLForConditionalGeneration`` (``"3"``), eager attention, fp32. Use with
+    ``Qwen2VLImageProcessorPil(patch_size=patch_size, ...)``."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -133,8 +134,18 @@ def tiny_qwen_vl(tokenizer: Any, *, version: str = "2", n_layers: int = 2, d_mod
                       window_size=4 * patch_size, fullatt_block_indexes=[vision_depth - 1])
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
         cls = Qwen2_5_VLForConditionalGeneration
+    elif version == "3":  # interleaved M-RoPE, per-head q/k norms, DeepStack after the first two decoder blocks
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        text = {k: v for k, v in text.items() if k not in ("tie_word_embeddings", "bos_token_id", "eos_token_id")}
+        text.update(head_dim=d_model // n_heads)
+        vision = dict(depth=vision_depth, hidden_size=d_vision, out_hidden_size=d_model, intermediate_size=2 * d_vision,
+                      num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+                      num_position_embeddings=16, deepstack_visual_indexes=list(range(min(2, vision_depth))))
+        cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **common)
+        cls = Qwen3VLForConditionalGeneration
     else:
-        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+        raise ValueError(f"version must be '2', '2.5' or '3', got {version!r}")
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(cfg)

@@ -66,6 +66,9 @@ class Adapter(nn.Module):
     #: True when image tokens attend to each other both ways (Gemma 3): runs that do not start from the tokens need
     #: the blocks (:meth:`attention_blocks`), and a cached prefix may not end inside a block.
     bidirectional_images: ClassVar[bool] = False
+    #: Number of decoder blocks after which extra image features are added (Qwen3-VL's DeepStack; 0: none); runs
+    #: that do not start from the tokens need them (:meth:`encode_with_extras`).
+    deepstack_layers: int = 0
     image_token: str
     image_token_id: int
 
@@ -89,6 +92,11 @@ class Adapter(nn.Module):
     def encode_images(self, **model_inputs: Any) -> Float[Tensor, "img_tok d_model"]:
         """Encoder inputs -> projected features, flattened over images in order of appearance."""
         raise NotImplementedError
+
+    def encode_with_extras(self, **model_inputs: Any) -> tuple[Float[Tensor, "img_tok d_model"], dict[str, Any]]:
+        """:meth:`encode_images` plus what else the vision tower gives the decoder (``{"deepstack": (…)}`` for
+        Qwen3-VL; ``{}`` by default), from one pass of the tower."""
+        return self.encode_images(**model_inputs), {}
 
     def default_template(self) -> ChatTemplate:
         return ChatTemplate()

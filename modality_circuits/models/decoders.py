@@ -1,13 +1,13 @@
 """Text decoders of MLLMs -> ``HookedTransformerConfig`` + weights, exact or refused.
 
-Registered by the HF text config's ``model_type`` (``llama``, ``mistral``, ``qwen2``, the Qwen-VL text decoders, and
-``gemma3_text``: Gemma norms ``(1 + w)``, sandwich norms, per-head q/k norms, scaled embeddings,
-``query_pre_attn_scalar``, per-layer-type rotary parameters; its soft-capping fields are read by HF's multimodal Gemma 3
-nowhere, so not here either). Each :class:`DecoderSpec` declares which HF config fields it **converts**;
-:func:`check_text_config` compares every other field HF knows for that config class with the class default and refuses
-any non-default value it has no conversion for, naming field and value (:data:`IGNORED_FIELDS` lists the fields that do
-not change the decoder's computation, each with the reason). Rotary embeddings come from HF's own functions
-(:mod:`~modality_circuits.models.rope`).
+Registered by the HF text config's ``model_type`` (``llama``, ``mistral``, ``qwen2``, the Qwen-VL text decoders
+(Qwen3-VL's with per-head q/k norms), and ``gemma3_text``: Gemma norms ``(1 + w)``, sandwich norms, per-head q/k norms,
+scaled embeddings, ``query_pre_attn_scalar``, per-layer-type rotary parameters; its soft-capping fields are read by HF's
+multimodal Gemma 3 nowhere, so not here either). Each :class:`DecoderSpec` declares which HF config fields it
+**converts**; :func:`check_text_config` compares every other field HF knows for that config class with the class default
+and refuses any non-default value it has no conversion for, naming field and value (:data:`IGNORED_FIELDS` lists the
+fields that do not change the decoder's computation, each with the reason). Rotary embeddings come from HF's own
+functions (:mod:`~modality_circuits.models.rope`).
 
 Weights are mapped by :func:`llama_layer_weights` one HF tensor at a time, with **two-sided accounting**:
 :func:`load_decoder` asserts that every HookedTransformer parameter gets exactly one tensor of its shape and that every
@@ -216,6 +216,23 @@ _GEMMA3_FIELDS = (LLAMA_FIELDS - {"hidden_act"}) | {
     "_sliding_window_pattern"}  # the pattern only generates layer_types when a config has none
 register_decoder("gemma3_text", DecoderSpec("Gemma3ForCausalLM", _GEMMA3_FIELDS, _gemma3_cfg, _gemma3_checks,
                                             layer_weights=gemma3_layer_weights, gemma_norms=True))
+
+
+def _qwen3_cfg(c: Any) -> dict:
+    return {**_llama_cfg(c), "use_qk_norm": True}
+
+
+def qwen3_layer_weights(layer: nn.Module, i: int, cfg: HookedTransformerConfig
+                        ) -> Iterator[tuple[str, Tensor, str | None]]:
+    """Decoder layer ``i`` of Qwen3(-VL): Llama's, plus the per-head RMSNorms of queries and keys."""
+    yield from llama_layer_weights(layer, i, cfg)
+    yield f"blocks.{i}.attn.q_norm.w", layer.self_attn.q_norm.weight, f"layers.{i}.self_attn.q_norm.weight"
+    yield f"blocks.{i}.attn.k_norm.w", layer.self_attn.k_norm.weight, f"layers.{i}.self_attn.k_norm.weight"
+
+
+# Qwen3-VL's text decoder: Llama-shaped with per-head q/k RMSNorm (its interleaved M-RoPE is installed by the adapter)
+register_decoder("qwen3_vl_text", DecoderSpec("Qwen3ForCausalLM", LLAMA_FIELDS | {"attention_bias"}, _qwen3_cfg,
+                                              layer_weights=qwen3_layer_weights))
 
 
 def decoder_spec(text_config: Any) -> DecoderSpec:

@@ -10,13 +10,14 @@ tensors and are needed inside it:
   which the M-RoPE attention reads.
 * ``attention_blocks``: the prompt's bidirectional attention blocks (Gemma 3: each image's tokens attend to each
   other both ways), which the block-mask attention reads.
+* ``deepstack``: Qwen3-VL's extra image features, which its first decoder blocks add at the image positions.
 
 :meth:`HookedMLLM.forward <modality_circuits.models.HookedMLLM.forward>` computes both from its arguments (the
 batch carries the rotary positions) and publishes them with :func:`forward_scope` for the duration of the call
 only: the previous state is restored when the call returns or raises, so no forward depends on what an earlier
 forward did. Hooks receive the state as an explicit argument (see
 :func:`modality_circuits.interventions.base.tl_hook`); only the M-RoPE and block-mask attentions read
-:func:`current`.
+:func:`current` (and Qwen3-VL's DeepStack blocks).
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ class ForwardState:
     offset: int = 0
     rope_positions: Tensor | None = None
     attention_blocks: Tensor | None = None
+    deepstack: DeepStack | None = None
+
+
+@dataclass(frozen=True)
+class DeepStack:
+    """Extra image features added to the residual stream after the first decoder blocks (Qwen3-VL's DeepStack).
+
+    Attributes:
+        features: per block ``k``, ``Float[Tensor, "img_tok d_model"]``, in the order of the image tokens of the
+            prompt (row-major over ``[batch, pos]``, as the main image features).
+        image_mask: ``Bool[Tensor, "batch pos"]`` the image positions of the whole prompt.
+    """
+
+    features: tuple[Tensor, ...]
+    image_mask: Tensor
 
 
 _STATE: ContextVar[ForwardState] = ContextVar("modality_circuits_forward_state",

@@ -34,7 +34,7 @@ from ..prompts import ChatTemplate, MLLMBatch, Segment, build_batch, split_place
 from .base import Adapter
 from .decoders import build_cfg, decoder_spec, load_decoder
 from .devices import check_n_devices, placement
-from .forward_state import ForwardState, forward_scope
+from .forward_state import DeepStack, ForwardState, forward_scope
 from .rope import RopeSpec
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,22 @@ class HookedMLLM(HookedTransformer):
         blocks = None
         if self.image_encoder.bidirectional_images:
             blocks = self.image_encoder.attention_blocks(batch.tokens, batch.attention_mask, batch.model_inputs)
-        return {"rope_positions": self.rope_positions_of(batch), "attention_blocks": blocks}
+        return {"rope_positions": self.rope_positions_of(batch), "attention_blocks": blocks,
+                "deepstack": self.deepstack_of(batch.tokens, batch.model_inputs)}
+
+    def deepstack_of(self, tokens: Tensor, model_inputs: dict[str, Any]) -> DeepStack | None:
+        """Qwen3-VL's DeepStack features of a prompt (one vision-tower pass), or None (other architectures, or no
+        image tokens)."""
+        is_img = tokens == self.image_encoder.image_token_id
+        if not self.image_encoder.deepstack_layers or not bool(is_img.any()):
+            return None
+        if model_inputs.get("pixel_values") is None:
+            raise ImageTokenMismatchError(
+                f"{type(self.image_encoder).__name__} adds image features inside the decoder (DeepStack), which come "
+                "from the pixels: pass pixel_values (the batch from model.prepare(...)).")
+        with torch.no_grad():
+            _, more = self.image_encoder.encode_with_extras(**model_inputs)
+        return DeepStack(tuple(more["deepstack"]), is_img.to(self.cfg.device))
 
     def prefix_boundary(self, batch: MLLMBatch, p0: int) -> int:
         """The largest position ``≤ p0`` at which a cached prefix may end: ``p0`` itself under causal attention;
@@ -210,8 +225,9 @@ class HookedMLLM(HookedTransformer):
 
     # ================================================================== forward
     def embed_inputs(self, tokens: Int[Tensor, "batch pos"], image_features: Tensor | None = None,
-                     **encoder_inputs: Any) -> Float[Tensor, "batch pos d_model"]:
-        """Token embeddings with the projected image features scattered in at the image positions."""
+                     extras: dict[str, Any] | None = None, **encoder_inputs: Any) -> Float[Tensor, "batch pos d_model"]:
+        """Token embeddings with the projected image features scattered in at the image positions (``extras``, if
+        given, receives what else the vision tower gave: Qwen3-VL's DeepStack features)."""
         if self.cfg.use_hook_tokens:
             tokens = self.hook_tokens(tokens)
         image_mask = tokens == self.image_encoder.image_token_id
@@ -230,7 +246,9 @@ class HookedMLLM(HookedTransformer):
                 raise ImageTokenMismatchError(
                     f"The tokens hold {n_img_tok} image token(s) but no images were given; pass the batch from "
                     "model.prepare(...) or pixel_values=... .")
-            image_features = self.image_encoder.encode_images(**encoder_inputs)
+            image_features, more = self.image_encoder.encode_with_extras(**encoder_inputs)
+            if extras is not None:
+                extras.update(more)
         image_features = self.hook_image_embeds(image_features)  # [img_tok, d_model]
         if image_features.shape[0] != n_img_tok:
             raise ImageTokenMismatchError(
@@ -244,7 +262,7 @@ class HookedMLLM(HookedTransformer):
                 past_kv_cache: TransformerLensKeyValueCache | None = None, tokens: Tensor | None = None,
                 loss_per_token: bool = False, image_features: Tensor | None = None, check_finite: bool = False,
                 rope_positions: Tensor | None = None, attention_blocks: Tensor | None = None,
-                **encoder_inputs: Any) -> Any:
+                deepstack: DeepStack | None = None, **encoder_inputs: Any) -> Any:
         """Forward pass (TL semantics) with images.
 
         Args:
@@ -263,6 +281,8 @@ class HookedMLLM(HookedTransformer):
             attention_blocks: bidirectional attention blocks of the whole prompt (``[batch, pos]``, Gemma 3's
                 images); computed from the tokens like ``rope_positions``, and likewise needed by runs that do not
                 start from them (``**model.prompt_context(batch)`` gives both).
+            deepstack: Qwen3-VL's DeepStack features (:class:`~.forward_state.DeepStack`); computed with the image
+                features, and likewise needed by runs that do not start from the tokens (``prompt_context``).
         """
         if isinstance(input, (str, list)) and (isinstance(input, str) or (input and isinstance(input[0], str))):
             input = self.prepare([input] if isinstance(input, str) else input,
@@ -273,7 +293,7 @@ class HookedMLLM(HookedTransformer):
             attention_mask = batch.attention_mask if attention_mask is None else attention_mask
             if rope_positions is None and not encoder_inputs:  # overridden inputs: recompute (and check) below
                 rope_positions = self.rope_positions_of(batch)
-            if attention_blocks is None and not encoder_inputs:
+            if attention_blocks is None and not encoder_inputs and self.image_encoder.bidirectional_images:
                 attention_blocks = self.prompt_context(batch)["attention_blocks"]
             encoder_inputs = {**batch.model_inputs, **encoder_inputs}
             input = tokens
@@ -285,7 +305,11 @@ class HookedMLLM(HookedTransformer):
             if tokens.dim() == 1:
                 tokens = tokens[None]
             tokens = tokens.to(self.cfg.device)
-            residual = self.embed_inputs(tokens, image_features=image_features, **encoder_inputs)
+            extras: dict[str, Any] = {}
+            residual = self.embed_inputs(tokens, image_features=image_features, extras=extras, **encoder_inputs)
+            if deepstack is None and self.image_encoder.deepstack_layers and offset == 0:
+                deepstack = (DeepStack(tuple(extras["deepstack"]), tokens == self.image_encoder.image_token_id)
+                             if "deepstack" in extras else self.deepstack_of(tokens, encoder_inputs))
             if attention_mask is None:
                 attention_mask = torch.ones_like(tokens)
             if rope_positions is None and offset == 0:
@@ -311,8 +335,13 @@ class HookedMLLM(HookedTransformer):
                 f"{type(self.image_encoder).__name__}'s image tokens attend to each other both ways, and this run "
                 "does not start from the prompt's tokens (start_at_layer or a KV cache): pass "
                 "**model.prompt_context(batch) (the prompt's attention blocks).")
+        if deepstack is None and self.image_encoder.deepstack_layers and not from_prompt_start:
+            raise ImageTokenMismatchError(
+                f"{type(self.image_encoder).__name__} adds image features after its first decoder blocks (DeepStack), "
+                "and this run does not start from the prompt's tokens (start_at_layer or a KV cache): pass "
+                "**model.prompt_context(batch).")
         with forward_scope(ForwardState(offset=offset, rope_positions=rope_positions,
-                                        attention_blocks=attention_blocks)):
+                                        attention_blocks=attention_blocks, deepstack=deepstack)):
             out = super().forward(residual, return_type=return_type, start_at_layer=start_at_layer,
                                   stop_at_layer=stop_at_layer, past_kv_cache=past_kv_cache,
                                   attention_mask=attention_mask.to(self.cfg.device) if attention_mask is not None

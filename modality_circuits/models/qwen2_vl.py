@@ -9,7 +9,8 @@ and writable:
   ``w = start + wi``, and the text after it continues at ``start + max(H, W)/m`` (as ``get_rope_index``);
   left padding is skipped (positions count real tokens only);
 * the rotary frequencies ``inv_freq[j]`` are split into ``mrope_section = [s_t, s_h, s_w]`` chunks, chunk ``i``
-  rotated by position component ``i % 3``, then duplicated (``rotate_half`` layout);
+  rotated by position component ``i % 3``, then duplicated (``rotate_half`` layout); Qwen3-VL interleaves them
+  instead (:func:`mrope_axes`);
 * cached continuations (generation, answer scoring) continue at ``max position + 1``.
 
 The image features come from the HF vision tower (``model.visual``, patch merger included; window attention
@@ -95,7 +96,8 @@ def _mrope_apply_rotary(self: nn.Module, x: Float[Tensor, "batch pos head d_head
     if p.numel():
         rope.check_length(int(p.max()) + 1)  # HF's dynamic-rope length is max(position) + 1
     freqs = p[..., None].to(x.device).float() * rope.inv_freq.to(x.device)  # [3, n, q, d/2]
-    f = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(self.mrope_sections, dim=-1))], dim=-1)
+    axes = self.mrope_axes.to(x.device)  # [d/2]: the position component (t, h, w) of each frequency
+    f = torch.gather(freqs, 0, axes.expand(1, *freqs.shape[1:]))[0]  # [n, q, d/2]
     f = torch.cat([f, f], dim=-1)[:, :, None, :]  # [n, q, 1, d_head]
     rd = f.shape[-1]
     x_rot, x_pass = x[..., :rd], x[..., rd:]
@@ -103,6 +105,20 @@ def _mrope_apply_rotary(self: nn.Module, x: Float[Tensor, "batch pos head d_head
     cos, sin = (f.cos() * rope.attention_scaling).to(x.dtype), (f.sin() * rope.attention_scaling).to(x.dtype)
     rotated = x_rot * cos + torch.cat([-x2, x1], -1) * sin
     return torch.cat([rotated, x_pass], -1)
+
+
+def mrope_axes(sections: list[int], interleaved: bool = False) -> Int[Tensor, " half_d_head"]:
+    """The position component (0 = t, 1 = h, 2 = w) that rotates each rotary frequency. Chunked (Qwen2-VL,
+    Qwen2.5-VL): ``sections[i]`` consecutive frequencies for component ``i``. Interleaved (Qwen3-VL's
+    ``recomposition_frequencies``): frequency ``j`` is ``h`` if ``j % 3 == 1`` and ``j < 3·sections[1]``, ``w`` if
+    ``j % 3 == 2`` and ``j < 3·sections[2]``, else ``t``."""
+    n = sum(sections)
+    if not interleaved:
+        return torch.cat([torch.full((s,), i % 3, dtype=torch.long) for i, s in enumerate(sections)])
+    axes = torch.zeros(n, dtype=torch.long)
+    for dim in (1, 2):
+        axes[dim:min(n, 3 * sections[dim]):3] = dim
+    return axes
 
 
 _MROPE_CLASSES: dict[type, type] = {}
@@ -122,6 +138,10 @@ def mrope_attention_class(cls: type) -> type:
 class Qwen2VLAdapter(Adapter):
     hf_classes = ("Qwen2VLForConditionalGeneration",)
     uses_rope_positions = True
+    #: M-RoPE frequency layout: chunked sections (Qwen2-VL, Qwen2.5-VL) or interleaved (Qwen3-VL)
+    interleaved: bool = False
+    #: HF's default ``mrope_section`` of the family
+    default_sections: tuple[int, ...] = (16, 24, 24)
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any, image_processor: Any = None):
         super().__init__()
@@ -135,9 +155,9 @@ class Qwen2VLAdapter(Adapter):
         self.patch_size, self.merge = int(vc.patch_size), int(vc.spatial_merge_size)
         self.temporal_patch_size = int(vc.temporal_patch_size)
         tc = cfg.text_config
-        d_head = tc.hidden_size // tc.num_attention_heads
+        d_head = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         rp = tc.rope_parameters
-        self.sections = list(rp.get("mrope_section") or [16, 24, 24])  # HF's default
+        self.sections = list(rp.get("mrope_section") or self.default_sections)  # HF's default
         if sum(self.sections) != d_head // 2:
             raise ImageTokenMismatchError(f"mrope_section {self.sections} must sum to d_head/2 = {d_head // 2}.")
         self.image_processor = image_processor or self.default_image_processor()
@@ -161,7 +181,7 @@ class Qwen2VLAdapter(Adapter):
         for block in model.blocks:
             attn = block.attn
             attn.__class__ = mrope_attention_class(type(attn))
-            attn.mrope_spec, attn.mrope_sections = rope, list(self.sections)
+            attn.mrope_spec, attn.mrope_axes = rope, mrope_axes(self.sections, self.interleaved)
 
     def image_grid(self, model_inputs: dict[str, Any], k: int) -> ImageGrid:
         t, h, w = (int(x) for x in model_inputs["image_grid_thw"][k])

@@ -1,6 +1,6 @@
-"""``reproduce`` runs every stage end to end on tiny Qwen2-VL, Qwen2.5-VL, tiled (InternVL, LLaVA-NeXT / OneVision,
-SmolVLM) and Gemma 3 checkpoints (the LLaVA path is covered by test_cli.py), and the attention-over-image view
-follows each architecture's own patch grid."""
+"""``reproduce`` runs every stage end to end on tiny Qwen2-VL, Qwen2.5-VL, Qwen3-VL, tiled (InternVL, LLaVA-NeXT /
+OneVision, SmolVLM) and Gemma 3 checkpoints (the LLaVA path is covered by test_cli.py), and the attention-over-image
+view follows each architecture's own patch grid."""
 
 from __future__ import annotations
 
@@ -56,13 +56,13 @@ def write_tiny_qwen(path: Path, version: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3"])
 def test_reproduce_end_to_end_on_qwen_vl(tmp_path, version):
     ckpt = write_tiny_qwen(tmp_path / "ckpt", version)
     out = tmp_path / "run"
     assert cli.main(["reproduce", "--model", str(ckpt), "--out", str(out), *TINY_RUN]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["architecture"].startswith("Qwen2")
+    assert manifest["model"]["architecture"].startswith("Qwen2" if version != "3" else "Qwen3VL")
     assert {"knockout", "contributions", "anchors", "heads", "patching"} <= set(manifest["results"])
     maps = json.loads((out / "image_attention.json").read_text())
     maps = maps if isinstance(maps, list) else maps.get("maps", [])

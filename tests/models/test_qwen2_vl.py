@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL in HookedTransformer form: logits and generation equal HF (fp32, eager), M-RoPE is
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL in HookedTransformer form: logits and generation equal HF (fp32, eager), M-RoPE is
 real, attention edits are writable and agree with HF's 4-D attention-mask path, and bad input fails clearly."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _processor():
                                     size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32})
 
 
-@pytest.fixture(scope="module", params=["2", "2.5"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3"])
 def pair(request, qtok):
     hf = tiny_qwen_vl(qtok, version=request.param)
     return hf, HookedMLLM.from_hf(hf, qtok, _processor())
@@ -201,7 +201,7 @@ def test_no_forward_depends_on_an_earlier_one(pair):
     want, cache = model.run_with_cache(b, names_filter="blocks.1.hook_resid_pre")
     model(a)
     got = model(cache["blocks.1.hook_resid_pre"], start_at_layer=1, attention_mask=b.attention_mask,
-                rope_positions=b.rope_positions)
+                **model.prompt_context(b))  # rotary positions (and Qwen3-VL's DeepStack features) of B
     assert torch.equal(got, want)
     with pytest.raises(ImageTokenMismatchError, match="rope_positions=batch.rope_positions"):
         model(cache["blocks.1.hook_resid_pre"], start_at_layer=1, attention_mask=b.attention_mask)
