@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conflict samples in the patching pairs (instruction flip, image swap; default: 16, 8 on "
                         "models deeper than 8 layers; 0 to skip)")
     p.add_argument("--patch-every", type=int, default=None, metavar="K",
-                   help="activation and path patching at every K-th layer (default: 1; 6 on models deeper than 8 "
+                   help="activation and path patching at every K-th layer (default: 1; 10 on models deeper than 8 "
                         "layers)")
     p.add_argument("--no-png", action="store_true", help="skip PNG export of figures (it needs kaleido + Chromium)")
     p.set_defaults(func=cmd_reproduce)

@@ -65,10 +65,10 @@ def _knockout_opts(p: argparse.ArgumentParser) -> None:
                         "filler_after_instruction; 'none' for no rerun; default: all three)")
     g.add_argument("--variant-n", type=int, default=None, metavar="N",
                    help="samples for the --variants reruns, half per instruction (0: all; default: all on models of "
-                        "at most 8 layers, 20 on deeper ones, to fit the time budget)")
+                        "at most 8 layers, 10 on deeper ones, to fit the time budget)")
     g.add_argument("--variant-every", type=int, default=None, metavar="K",
                    help="rerun the variants at every K-th knockout window centre (default: 1 on models of at most 8 "
-                        "layers, 2 on deeper ones)")
+                        "layers, 3 on deeper ones)")
     g.add_argument("--first-token", action="store_true", help="score only the answers' first token")
     g.add_argument("--metric", default="p_binary", choices=("p_binary", "p_follow", "logit_diff"),
                    help="what the knockout changes: the binary-constrained following probability (default), the "
@@ -116,13 +116,13 @@ def _head_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=("zero", "mean"), default="zero", help="head ablation (default: zero)")
     g.add_argument("--alphas", default="2,4,8", metavar="LIST", help="amplification factors (default: 2,4,8)")
     g.add_argument("--n-random", type=int, default=None, metavar="R",
-                   help="random head sets as control (default: 10; 5 on models deeper than 8 layers)")
+                   help="random head sets as control (default: 10; 4 on models deeper than 8 layers)")
     g.add_argument("--select-frac", type=float, default=0.5, metavar="F",
                    help="share of conflict samples used to select heads; the rest evaluates (default: 0.5)")
     g.add_argument("--select-condition", choices=("both", "image", "text"), default="both",
                    help="condition whose scores select the heads (default: both pooled)")
     g.add_argument("--n-failed-pool", type=int, default=None, metavar="N",
                    help="synthetic data: N more seeded conflict samples searched for failures to amplify, beyond "
-                        "the evaluation split's (default: 1000; 150 on models deeper than 8 layers; 0: the "
+                        "the evaluation split's (default: 1000; 100 on models deeper than 8 layers; 0: the "
                         "evaluation split only)")
     g.add_argument("--top-heads", type=int, default=6, metavar="K", help="heads shown in attention views (default: 6)")

@@ -38,7 +38,7 @@ def test_the_report_states_the_sizes_used():
     a = parse()
     apply_study_profile(a, 30)
     text = _study_sizes({"study_profile": "budget", "args": vars(a)})
-    assert text.startswith("budget profile: n=40") and "window=5" in text and "centers=2,7,12" in text
+    assert text.startswith("budget profile: n=40") and "window=3" in text and "centers=1,4,7" in text
 
 
 def test_random_controls_mirror_every_instruction_edge():
