@@ -113,10 +113,10 @@ def _sliding_layers(c: Any) -> list[bool]:
     return [bool(getattr(c, "sliding_window", None))] * c.num_hidden_layers
 
 
-def _llama_cfg(c: Any) -> dict:
-    act = c.hidden_act
+def _llama_cfg(c: Any, act_field: str = "hidden_act") -> dict:
+    act = getattr(c, act_field)
     if act not in ACT_FNS:
-        _refuse(c, "hidden_act", act, f"supported activations are {sorted(ACT_FNS)}")
+        _refuse(c, act_field, act, f"supported activations are {sorted(ACT_FNS)}")
     dh = d_head(c)
     d = {
         "d_model": c.hidden_size, "d_head": dh, "n_heads": c.num_attention_heads,
@@ -158,28 +158,11 @@ register_decoder("qwen2_5_vl_text", DecoderSpec("Qwen2ForCausalLM", _QWEN2_FIELD
 
 
 def _gemma3_cfg(c: Any) -> dict:
-    act = c.hidden_activation
-    if act not in ACT_FNS:
-        _refuse(c, "hidden_activation", act, f"supported activations are {sorted(ACT_FNS)}")
-    dh = d_head(c)
-    d = {
-        "d_model": c.hidden_size, "d_head": dh, "n_heads": c.num_attention_heads,
-        "d_mlp": c.intermediate_size, "n_layers": c.num_hidden_layers, "n_ctx": c.max_position_embeddings,
-        "eps": c.rms_norm_eps, "d_vocab": c.vocab_size, "act_fn": ACT_FNS[act],
-        "n_key_value_heads": (c.num_key_value_heads if c.num_key_value_heads != c.num_attention_heads else None),
-        "normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False,
-        "rotary_dim": dh, "final_rms": True, "gated_mlp": True, "use_qk_norm": True,
-        "use_normalization_before_and_after": True,
-        "use_attn_scale": True, "attn_scale": float(c.query_pre_attn_scalar) ** 0.5,  # HF: scores · qpas^-0.5
-    }
     # attn_logit_softcapping / final_logit_softcapping: HF's Gemma 3 attention never passes the former to its
     # attention function, and Gemma3ForConditionalGeneration never applies the latter (transformers 5.23), so
     # neither is applied here: exactly HF (tests/models/test_gemma3.py sets both and compares).
-    sliding = _sliding_layers(c)
-    if any(sliding):
-        d.update(window_size=int(c.sliding_window), use_local_attn=True,
-                 attn_types=["local" if s else "global" for s in sliding])
-    return d
+    return {**_llama_cfg(c, "hidden_activation"), "use_qk_norm": True, "use_normalization_before_and_after": True,
+            "use_attn_scale": True, "attn_scale": float(c.query_pre_attn_scalar) ** 0.5}  # HF: scores · qpas^-0.5
 
 
 def _gemma3_checks(c: Any) -> None:
