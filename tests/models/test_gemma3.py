@@ -168,15 +168,19 @@ def test_pan_and_scan_crops_follow_the_hf_processor():
                                    pan_and_scan_min_ratio_to_activate=1.2)
     model = HookedMLLM.from_hf(hf, tok, proc)
     wide = random_images(1, size=64, seed=3)[0].resize((96, 32))
-    batch = model.prepare([[Segment("image", image=wide), Segment("question", "What is the color?")]])
-    assert int(batch.model_inputs["num_crops"][0]) == 3
+    square = random_images(1, size=32, seed=4)[0]
+    batch = model.prepare([[Segment("image", image=wide), Segment("image", image=square),
+                            Segment("question", "What is the color?")],
+                           [Segment("question", "What is the color of the shape?")]])  # padded, text only
+    assert batch.model_inputs["num_crops"].tolist() == [3, 0]  # two images, different view counts
     tok.boi_token, tok.eoi_token, tok.image_token = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
     tok.boi_token_id = tok.convert_tokens_to_ids("<start_of_image>")
     hf_proc = Gemma3Processor(image_processor=proc, tokenizer=tok, image_seq_length=16)
     expected = hf_proc.replace_image_token({"num_crops": [3]}, 0)
     assert expected in batch.texts[0]
     counts = batch.spans.counts()
-    assert counts["image.0.original"] == [16] and counts["image.0.crop.3"] == [16] and counts["image.0"] == [64]
+    assert counts["image.0.original"][0] == 16 and counts["image.0.crop.3"][0] == 16 and counts["image.0"][0] == 64
+    assert counts["image.1"][0] == 16 and hf_proc.full_image_sequence in batch.texts[0].split(expected)[1]
     m = batch.attention_mask.bool()
     with torch.no_grad():
         assert (model(batch) - _hf_logits(hf, model, batch)).abs()[m].max() < TOL
