@@ -109,7 +109,8 @@ def answer_logprobs(model: HookedMLLM, batch: MLLMBatch, answers: Sequence[Seque
                     cont[k * B + i, :n] = torch.tensor(x[:-1])
                     tgt[k * B + i, :n] = torch.tensor(x[1:])
                     msk[k * B + i, :n] = 1
-        logits = model(cont, attention_mask=msk, past_kv_cache=_repeat_cache(cache, K), **model.prompt_context(batch))
+        logits = model(cont, attention_mask=msk, past_kv_cache=_repeat_cache(cache, K),
+                       **model.prompt_context(batch, deepstack=False))  # text continuations
         lp = logits.float().log_softmax(-1).gather(2, tgt[..., None])[..., 0] * msk
         full = out + lp.sum(1).view(K, B).T
     return (full, out) if with_first else full

@@ -188,14 +188,19 @@ class HookedMLLM(HookedTransformer):
             return batch.rope_positions
         return self.image_encoder.rope_positions(batch.tokens, batch.attention_mask, batch.model_inputs)
 
-    def prompt_context(self, batch: MLLMBatch) -> dict[str, Tensor | None]:
+    def attention_blocks_of(self, batch: MLLMBatch) -> Tensor | None:
+        """The batch's bidirectional attention blocks (Gemma 3's images), or None for causal attention."""
+        if not self.image_encoder.bidirectional_images:
+            return None
+        return self.image_encoder.attention_blocks(batch.tokens, batch.attention_mask, batch.model_inputs)
+
+    def prompt_context(self, batch: MLLMBatch, deepstack: bool = True) -> dict[str, Any]:
         """What a forward that does not start at ``batch``'s tokens (``start_at_layer``, a KV-cache continuation)
-        must be given about the prompt: ``{"rope_positions": …, "attention_blocks": …}`` (pass as ``**kwargs``)."""
-        blocks = None
-        if self.image_encoder.bidirectional_images:
-            blocks = self.image_encoder.attention_blocks(batch.tokens, batch.attention_mask, batch.model_inputs)
-        return {"rope_positions": self.rope_positions_of(batch), "attention_blocks": blocks,
-                "deepstack": self.deepstack_of(batch.tokens, batch.model_inputs)}
+        must be given about the prompt: ``{"rope_positions": …, "attention_blocks": …, "deepstack": …}`` (pass as
+        ``**kwargs``). ``deepstack=False`` skips Qwen3-VL's DeepStack features (a vision-tower pass): continuations
+        of text tokens after the prompt never need them."""
+        return {"rope_positions": self.rope_positions_of(batch), "attention_blocks": self.attention_blocks_of(batch),
+                "deepstack": self.deepstack_of(batch.tokens, batch.model_inputs) if deepstack else None}
 
     def deepstack_of(self, tokens: Tensor, model_inputs: dict[str, Any]) -> DeepStack | None:
         """Qwen3-VL's DeepStack features of a prompt (one vision-tower pass), or None (other architectures, or no
@@ -215,7 +220,7 @@ class HookedMLLM(HookedTransformer):
         """The largest position ``≤ p0`` at which a cached prefix may end: ``p0`` itself under causal attention;
         with bidirectional image blocks, the start of a block that ``p0`` falls inside (its earlier tokens see the
         later ones)."""
-        blocks = self.prompt_context(batch)["attention_blocks"]
+        blocks = self.attention_blocks_of(batch)
         if blocks is None or p0 <= 0 or p0 >= blocks.shape[1]:
             return p0
         inside = (blocks[:, p0] >= 0) & (blocks[:, p0] == blocks[:, p0 - 1])  # rows where p0 splits a block
@@ -293,13 +298,14 @@ class HookedMLLM(HookedTransformer):
             attention_mask = batch.attention_mask if attention_mask is None else attention_mask
             if rope_positions is None and not encoder_inputs:  # overridden inputs: recompute (and check) below
                 rope_positions = self.rope_positions_of(batch)
-            if attention_blocks is None and not encoder_inputs and self.image_encoder.bidirectional_images:
-                attention_blocks = self.prompt_context(batch)["attention_blocks"]
+            if attention_blocks is None and not encoder_inputs:
+                attention_blocks = self.attention_blocks_of(batch)
             encoder_inputs = {**batch.model_inputs, **encoder_inputs}
             input = tokens
         # absolute position of the first input position (cached prefix length), published to hooks below
         offset = int(past_kv_cache.previous_attention_mask.shape[1]) if past_kv_cache is not None else 0
         from_prompt_start = start_at_layer is None and offset == 0
+        from_tokens = start_at_layer is None
         if start_at_layer is None:
             tokens = input
             if tokens.dim() == 1:
@@ -335,7 +341,10 @@ class HookedMLLM(HookedTransformer):
                 f"{type(self.image_encoder).__name__}'s image tokens attend to each other both ways, and this run "
                 "does not start from the prompt's tokens (start_at_layer or a KV cache): pass "
                 "**model.prompt_context(batch) (the prompt's attention blocks).")
-        if deepstack is None and self.image_encoder.deepstack_layers and not from_prompt_start:
+        text_continuation = (from_tokens and offset > 0
+                             and not bool((tokens == self.image_encoder.image_token_id).any()))
+        if deepstack is None and self.image_encoder.deepstack_layers and not from_prompt_start \
+                and not text_continuation:  # DeepStack adds only at image positions of the pass
             raise ImageTokenMismatchError(
                 f"{type(self.image_encoder).__name__} adds image features after its first decoder blocks (DeepStack), "
                 "and this run does not start from the prompt's tokens (start_at_layer or a KV cache): pass "
@@ -369,7 +378,7 @@ class HookedMLLM(HookedTransformer):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or 0)
         B = len(batch)
         mask = batch.attention_mask.to(self.cfg.device)
-        ctx = self.prompt_context(batch)
+        ctx = self.prompt_context(batch, deepstack=False)  # the steps continue with text tokens only
         rope = ctx["rope_positions"]
         finished = torch.zeros(B, dtype=torch.bool, device=self.cfg.device)
         out = []
