@@ -221,6 +221,10 @@ class Qwen2VLAdapter(Adapter):
         return out.pooler_output
 
     def rope_positions(self, tokens: Tensor, attention_mask: Tensor, model_inputs: dict[str, Any]) -> Tensor | None:
+        videos = sorted(k for k in ("pixel_values_videos", "video_grid_thw") if model_inputs.get(k) is not None)
+        if videos:
+            raise ImageTokenMismatchError(f"{videos} given: videos are not converted (only still images); they would "
+                                          "be dropped silently, so the call is refused.")
         grid = model_inputs.get("image_grid_thw")
         mm = model_inputs.get("mm_token_type_ids")
         is_img = tokens == self.image_token_id

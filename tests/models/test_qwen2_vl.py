@@ -156,6 +156,9 @@ def test_bad_input(pair):
         model(batch, image_features=torch.zeros(3, model.cfg.d_model))
     with pytest.raises(ImageTokenMismatchError, match="PIL"):
         model.prepare([[Segment("image", image=torch.zeros(3, 32, 32))]])
+    with pytest.raises(ImageTokenMismatchError, match="videos are not converted"):
+        model(batch.tokens, attention_mask=batch.attention_mask, pixel_values=mi["pixel_values"],
+              image_grid_thw=mi["image_grid_thw"], video_grid_thw=torch.tensor([[2, 8, 8]]))
 
 
 def test_mrope_positions_follow_hf_rule():
