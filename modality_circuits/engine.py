@@ -35,9 +35,11 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from ._types import Float
+from .errors import UnsupportedArchitectureError
 from .interventions.base import Config, apply_stack, as_config, first_layer, first_position
 from .metrics import MetricLike, PromptPass, as_metric
 from .models.forward_state import ForwardState, forward_scope
+from .models.shared_kv import SharedPrefixKV, shared_kv_unsupported
 from .prompts import MLLMBatch
 
 if TYPE_CHECKING:
@@ -54,6 +56,9 @@ class CleanRun:
         keys, values: per layer, ``[batch, pos, n_kv_heads, d_head]`` (after any q/k norm and before rotary, as
             TransformerLens caches them).
         logits: ``[batch, pos, vocab]`` when recorded with ``keep_logits`` (metrics on full-length logits).
+        shared: suffix passes read the prefix from shared-prefix caches (:class:`SharedPrefixKV`: one copy for all
+            configurations) instead of one TransformerLens cache row per configuration.
+        rotated: ``keys`` are after rotary (``hook_rot_k``), as shared-prefix caches hold them.
     """
 
     batch: MLLMBatch
@@ -61,27 +66,36 @@ class CleanRun:
     keys: list[Tensor]
     values: list[Tensor]
     logits: Tensor | None = None
+    shared: bool = False
+    rotated: bool = False
 
     @classmethod
     @torch.no_grad()
     def record(cls, model: HookedMLLM, batch: MLLMBatch, keep_logits: bool = False) -> CleanRun:
-        """One forward of ``batch`` (hooks active around the call apply: the "clean" run is what they make it)."""
+        """One forward of ``batch`` (hooks active around the call apply: the "clean" run is what they make it).
+
+        Models whose attention reads shared-prefix caches (:mod:`~modality_circuits.models.shared_kv`) keep the
+        keys after rotary (``hook_rot_k``), as the attention used them; others keep TransformerLens's cache layout.
+        """
         n = model.cfg.n_layers
-        want = {f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
+        shared = shared_kv_unsupported(model) is None
+        rotated = shared and model.cfg.positional_embedding_type == "rotary"
+        key_hook = "attn.hook_rot_k" if rotated else "attn.hook_k"
+        want = {f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", key_hook, "attn.hook_v")}
         normed: dict[int, Tensor] = {}  # q/k-norm models cache keys after the norm (hook_k is before it)
         handles = [model.blocks[i].attn.k_norm.register_forward_hook(
             lambda mod, inp, out, i=i: normed.__setitem__(i, out.detach())) for i in range(n)
-            if model.cfg.use_qk_norm]
+            if model.cfg.use_qk_norm and not rotated]
         try:
             logits, cache = model.run_with_cache(batch, names_filter=lambda name: name in want,
                                                  return_type="logits" if keep_logits else None)
         finally:
             for h in handles:
                 h.remove()
-        keys = [cache[f"blocks.{i}.attn.hook_k"] for i in range(n)]
+        keys = [cache[f"blocks.{i}.{key_hook}"] for i in range(n)]
         keys = [normed[i].reshape(k.shape) if i in normed else k for i, k in enumerate(keys)]
         return cls(batch, [cache[f"blocks.{i}.hook_resid_pre"] for i in range(n)], keys,
-                   [cache[f"blocks.{i}.attn.hook_v"] for i in range(n)], logits)
+                   [cache[f"blocks.{i}.attn.hook_v"] for i in range(n)], logits, shared=shared, rotated=rotated)
 
     def suffix_pass(self, model: HookedMLLM, l0: int, p0: int, copies: int, with_cache: bool = True,
                     stop_at_layer: int | None = None, last_only: bool = False) -> PromptPass:
@@ -98,6 +112,11 @@ class CleanRun:
         p0 = max(0, min(int(p0), L - 1))
         ctx = model.prompt_context(self.batch)  # rotary positions, attention blocks
         split = last_only and stop_at_layer is None and p0 < L - 1 and can_split_last_block(model)
+        why = shared_kv_unsupported(model) if self.shared else "not recorded for it"
+        if self.rotated and why is not None:
+            raise UnsupportedArchitectureError(f"This clean run holds rotated keys for shared-prefix caches, but the "
+                                               f"model no longer reads them ({why}): record the clean run again.")
+        shared = why is None
 
         def rep(t: Tensor) -> Tensor:
             return t.repeat(copies, *([1] * (t.dim() - 1)))
@@ -106,12 +125,15 @@ class CleanRun:
             if p0 == 0 and not with_cache and not split:
                 return model(rep(self.resid[l0]), start_at_layer=l0, stop_at_layer=stop_at_layer,
                              attention_mask=rep(mask), **ctx), None
-            entries = []
+            entries: list[Any] = []
             for layer in range(n):
                 upto = p0 if layer >= l0 else L  # layers below l0 never run again: keep every position
-                entries.append(TransformerLensKeyValueCacheEntry(rep(self.keys[layer][:, :upto]),
-                                                                 rep(self.values[layer][:, :upto])))
+                k, v = self.keys[layer][:, :upto], self.values[layer][:, :upto]
+                entries.append(SharedPrefixKV(k, v, copies * len(mask)) if shared
+                               else TransformerLensKeyValueCacheEntry(rep(k), rep(v)))
             cache = TransformerLensKeyValueCache(entries, rep(mask[:, :p0]).to(torch.int))
+            if shared:  # answer continuations may share their layers below l0 across copies (metrics.py)
+                cache.start_layer, cache.copies = l0, copies
             if not split:
                 out = model(rep(self.resid[l0][:, p0:]), start_at_layer=l0, stop_at_layer=stop_at_layer,
                             attention_mask=rep(mask[:, p0:]), past_kv_cache=cache, **ctx)
@@ -125,6 +147,8 @@ class CleanRun:
             with forward_scope(ForwardState(offset=p0, **ctx)):  # keys/values of p0 … L-2
                 h = blk.ln1(blk.hook_resid_pre(x[:, :-1]))
                 _, kk, vv = blk.attn.calculate_qkv_matrices(h, h, h)
+                if shared and self.rotated:  # shared caches hold keys after rotary
+                    kk = blk.attn.apply_rotary(kk, p0, rep(mask[:, :L - 1]))
             cache.entries[n - 1].append(kk, vv)
             cache.previous_attention_mask = rep(mask[:, :L - 1]).to(torch.int)
             out = model(x[:, -1:], start_at_layer=n - 1, attention_mask=rep(mask[:, L - 1:]), past_kv_cache=cache,

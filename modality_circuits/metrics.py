@@ -35,6 +35,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from ._types import Float
 from .errors import AnswerError, InterventionError, NumericalError
+from .models.shared_kv import SharedPrefixKV
 from .prompts import MLLMBatch
 
 if TYPE_CHECKING:
@@ -57,9 +58,28 @@ def tokenize_answer(tokenizer: Any, answer: str, where: str = "") -> list[int]:
 
 
 def _repeat_cache(cache: TransformerLensKeyValueCache, k: int) -> TransformerLensKeyValueCache:
-    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.repeat(k, 1, 1, 1), e.past_values.repeat(k, 1, 1, 1))
+    """``k`` copies of every row (row-block-major); shared-prefix entries keep one copy of their prefix."""
+    entries = [e.repeat_rows(k) if isinstance(e, SharedPrefixKV) else
+               TransformerLensKeyValueCacheEntry(e.past_keys.repeat(k, 1, 1, 1), e.past_values.repeat(k, 1, 1, 1))
                for e in cache.entries]
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.repeat(k, 1))
+
+
+def _clean_continuation(model: HookedMLLM, cache: Any, cont: Tensor, msk: Tensor, K: int, start: int,
+                        ctx: dict[str, Any]) -> Float[Tensor, "rows answer_pos d_model"]:
+    """The answer continuations' residual entering layer ``start``, computed once per prompt and answer.
+
+    ``cache`` comes from a suffix pass over ``cache.copies`` config-major copies of the batch that changes nothing
+    below layer ``start``: there every copy's keys and values are the clean run's, so the continuation tokens (rows
+    ``k·C·B0 + c·B0 + i``) have the same residual for every copy ``c``. Returns the rows of copy 0, answer-major.
+    """
+    rows = cont.shape[0] // K
+    b0 = rows // cache.copies
+    sel = torch.tensor([k * rows + i for k in range(K) for i in range(b0)], device=cont.device)
+    own = torch.arange(b0, device=cont.device)
+    entries = [e.select_rows(own).repeat_rows(K) for e in cache.entries[:start]]
+    base = TransformerLensKeyValueCache(entries, cache.previous_attention_mask[:b0].repeat(K, 1))
+    return model(cont[sel], attention_mask=msk[sel], past_kv_cache=base, stop_at_layer=start, **ctx)
 
 
 PromptPass = Callable[[], tuple[Tensor, Any]]
@@ -109,8 +129,15 @@ def answer_logprobs(model: HookedMLLM, batch: MLLMBatch, answers: Sequence[Seque
                     cont[k * B + i, :n] = torch.tensor(x[:-1])
                     tgt[k * B + i, :n] = torch.tensor(x[1:])
                     msk[k * B + i, :n] = 1
-        logits = model(cont, attention_mask=msk, past_kv_cache=_repeat_cache(cache, K),
-                       **model.prompt_context(batch, deepstack=False))  # text continuations
+        ctx = model.prompt_context(batch, deepstack=False)
+        start, copies = getattr(cache, "start_layer", 0), getattr(cache, "copies", 1)
+        if start > 0 and copies > 1:  # layers below the configurations' first: the same for every copy
+            x = _clean_continuation(model, cache, cont, msk, K, start, ctx)  # [K·B/copies, A-1, d_model]
+            x = x.view(K, 1, B // copies, *x.shape[1:]).expand(K, copies, B // copies, *x.shape[1:])
+            logits = model(x.reshape(K * B, *x.shape[3:]), start_at_layer=start, attention_mask=msk,
+                           past_kv_cache=_repeat_cache(cache, K), tokens=cont, **ctx)
+        else:
+            logits = model(cont, attention_mask=msk, past_kv_cache=_repeat_cache(cache, K), **ctx)  # text continuations
         lp = logits.float().log_softmax(-1).gather(2, tgt[..., None])[..., 0] * msk
         full = out + lp.sum(1).view(K, B).T
     return (full, out) if with_first else full

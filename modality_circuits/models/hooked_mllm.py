@@ -36,6 +36,7 @@ from .decoders import build_cfg, decoder_spec, load_decoder
 from .devices import check_n_devices, placement
 from .forward_state import DeepStack, ForwardState, forward_scope
 from .rope import RopeSpec
+from .shared_kv import install_shared_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class HookedMLLM(HookedTransformer):
                          or fallback)
         self.source = source
         image_encoder.install(self, rope)
+        install_shared_prefix(self)  # the engine's shared-prefix KV caches (plain TL caches work as before)
         self.setup()
 
     # ================================================================== loading
@@ -305,7 +307,6 @@ class HookedMLLM(HookedTransformer):
         # absolute position of the first input position (cached prefix length), published to hooks below
         offset = int(past_kv_cache.previous_attention_mask.shape[1]) if past_kv_cache is not None else 0
         from_prompt_start = start_at_layer is None and offset == 0
-        from_tokens = start_at_layer is None
         if start_at_layer is None:
             tokens = input
             if tokens.dim() == 1:
@@ -341,7 +342,7 @@ class HookedMLLM(HookedTransformer):
                 f"{type(self.image_encoder).__name__}'s image tokens attend to each other both ways, and this run "
                 "does not start from the prompt's tokens (start_at_layer or a KV cache): pass "
                 "**model.prompt_context(batch) (the prompt's attention blocks).")
-        text_continuation = (from_tokens and offset > 0
+        text_continuation = (tokens is not None and offset > 0  # tokens: given with a residual from a layer
                              and not bool((tokens == self.image_encoder.image_token_id).any()))
         if deepstack is None and self.image_encoder.deepstack_layers and not from_prompt_start \
                 and not text_continuation:  # DeepStack adds only at image positions of the pass
