@@ -35,7 +35,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from ._types import Float
 from .errors import AnswerError, InterventionError, NumericalError
-from .models.shared_kv import SharedPrefixKV
+from .models.shared_kv import SharedPrefixKV, prompt_cache
 from .prompts import MLLMBatch
 
 if TYPE_CHECKING:
@@ -109,6 +109,9 @@ def answer_logprobs(model: HookedMLLM, batch: MLLMBatch, answers: Sequence[Seque
             def prompt_pass() -> tuple[Tensor, Any]:
                 if single:
                     return model(batch), None
+                shared = prompt_cache(model, batch)  # continuations read the prompt's keys without copying them
+                if shared is not None:
+                    return shared
                 c = TransformerLensKeyValueCache.init_cache(model.cfg, dev, B)
                 return model(batch, past_kv_cache=c), c
         logits, cache = prompt_pass()

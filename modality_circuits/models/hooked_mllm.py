@@ -36,7 +36,7 @@ from .decoders import build_cfg, decoder_spec, load_decoder
 from .devices import check_n_devices, placement
 from .forward_state import DeepStack, ForwardState, forward_scope
 from .rope import RopeSpec
-from .shared_kv import install_shared_prefix
+from .shared_kv import install_shared_prefix, prompt_cache
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +383,10 @@ class HookedMLLM(HookedTransformer):
         rope = ctx["rope_positions"]
         finished = torch.zeros(B, dtype=torch.bool, device=self.cfg.device)
         out = []
-        if use_past_kv_cache:
+        shared = prompt_cache(self, batch) if use_past_kv_cache else None  # steps never copy the prompt's keys
+        if shared is not None:
+            logits, cache = shared
+        elif use_past_kv_cache:
             cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, B)
             logits = self(batch, past_kv_cache=cache)
         else:

@@ -172,6 +172,25 @@ def _shared_forward(self: Any, query_input: Tensor, key_input: Tensor, value_inp
     return F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w.dtype), w, self.b_O)
 
 
+def prompt_cache(model: nn.Module, batch: Any) -> tuple[Tensor, Any] | None:
+    """One forward of ``batch``: ``(logits [batch, pos, vocab], a KV cache of its positions)`` whose entries are
+    :class:`SharedPrefixKV` (rows = the batch), so continuations (answer tokens, generated tokens) append their own
+    positions and never copy, rotate or repeat the prompt's again. None where the model cannot read them (then use
+    TransformerLens's cache). Hooks active around the call apply to the forward."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    c = model.cfg
+    if shared_kv_unsupported(model) is not None or (c.use_qk_norm and c.positional_embedding_type != "rotary"):
+        return None
+    key = "attn.hook_rot_k" if c.positional_embedding_type == "rotary" else "attn.hook_k"  # as the attention uses them
+    want = {f"blocks.{i}.{h}" for i in range(c.n_layers) for h in (key, "attn.hook_v")}
+    logits, acts = model.run_with_cache(batch, names_filter=lambda name: name in want)
+    rows = logits.shape[0]
+    entries = [SharedPrefixKV(acts[f"blocks.{i}.{key}"], acts[f"blocks.{i}.attn.hook_v"], rows)
+               for i in range(c.n_layers)]
+    return logits, TransformerLensKeyValueCache(entries, batch.attention_mask.to(c.device).to(torch.int))
+
+
 _SHARED: dict[type, type] = {}
 
 
@@ -195,4 +214,4 @@ def install_shared_prefix(model: nn.Module) -> None:
         block.attn.__class__ = shared_prefix_class(type(block.attn))
 
 
-__all__ = ["SharedPrefixKV", "install_shared_prefix", "shared_kv_unsupported", "shared_prefix_class"]
+__all__ = ["SharedPrefixKV", "install_shared_prefix", "prompt_cache", "shared_kv_unsupported", "shared_prefix_class"]

@@ -153,3 +153,29 @@ def test_a_config_change_after_recording_is_refused(model):
         model.set_use_attn_result(False)
     new = run(model, CleanRun.record(model, batch), [Knockout("context", "last", [1])], metric)
     assert float((old - new).abs().max()) < ATOL
+
+
+def test_answer_scores_and_generation_read_the_prompt_through_a_shared_cache(model, monkeypatch):
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    from modality_circuits.metrics import answer_logprobs
+
+    batch = _batch(model)
+    answers = [["blue square", "red circle"], ["left side of it", "red"]]
+
+    def tl_pass():
+        c = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(batch))
+        return model(batch, past_kv_cache=c), c
+
+    calls = []
+    scores = SharedPrefixKV.scores
+    monkeypatch.setattr(SharedPrefixKV, "scores", lambda self, q: calls.append(q.shape) or scores(self, q))
+    with torch.no_grad():
+        shared = answer_logprobs(model, batch, answers)
+        n_answer_calls = len(calls)
+        plain = answer_logprobs(model, batch, answers, prompt_pass=tl_pass)  # TransformerLens's cache
+        assert n_answer_calls > 0 and len(calls) == n_answer_calls  # only the default path read a shared cache
+        assert float((shared - plain).abs().max()) < ATOL
+        fast = model.generate(batch, max_new_tokens=4)
+        slow = model.generate(batch, max_new_tokens=4, use_past_kv_cache=False)  # every step from the tokens
+    assert len(calls) > n_answer_calls and torch.equal(fast, slow)
