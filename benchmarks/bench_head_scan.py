@@ -186,8 +186,8 @@ def main() -> None:
         with torch.no_grad():
             _, t_fwd = race(lambda: model(batch), lambda: None, args.repeats)[:2]
         print(f"   one full forward of the batch: {t_fwd:.3f} s; ours spends one (the recorded clean run) = "
-              f"{t_fwd / t_our_last:.0%} of its time, the per-layer suffix passes (KV copies, rotary over cached "
-              f"keys) the rest")
+              f"{t_fwd / t_our_last:.0%} of its time, the per-layer suffix passes from the last position (reading "
+              f"the shared-prefix KV cache) the rest")
 
     if "3" in cases:
         print("\n3. all-position zero ablation, full-answer binary following score (delta of p_binary)")
