@@ -15,7 +15,8 @@ same logit difference: TL with a metric function on logits; we once with our nam
 default way; the final block then runs attention/MLP only at the last position) and once with TL's metric
 function (full-length logits). Each method runs ``--repeats`` times, alternately (after a warm-up forward); the
 script prints median times, the ratio TL time / our time (target >= 3x; >= 5x on the real-LM shape), the
-peak resident memory of the process (``VmHWM``) and checks that the numbers agree to 1e-5 (exit code 1 if not).
+peak resident memory of the process (``VmHWM``) and checks that the numbers agree to 1e-5 times the largest
+absolute value (at least 1; float32 differences of summation order grow with the values; exit code 1 if not).
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def main() -> int:
                 diff = float((results[name] - results["TL loop"]).abs().max())
                 print(f"  batched, metric {name:10s} {t:6.2f} s | ratio TL/ours {t_tl / t:4.1f}x | "
                       f"max |diff| {diff:.1e}")
-                ok &= diff < 1e-5
+                scale = max(1.0, float(results["TL loop"].abs().max()))  # float32 error grows with the values
+                ok &= diff < 1e-5 * scale
     print(f"peak resident memory of the process (VmHWM): {peak_rss_mib():.0f} MiB")
     print("numbers agree" if ok else "NUMBERS DISAGREE")
     return 0 if ok else 1

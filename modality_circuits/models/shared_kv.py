@@ -87,23 +87,48 @@ class SharedPrefixKV:
 
     def full(self) -> tuple[Tensor, Tensor]:
         """Every row's keys and values ``[R, p + s, n_kv, d_head]`` (materialised; for hooks that read them)."""
-        m = self.rows // self.prefix_k.shape[0]
-        return (torch.cat([self.prefix_k.repeat(m, 1, 1, 1), self.own_k], 1),
-                torch.cat([self.prefix_v.repeat(m, 1, 1, 1), self.own_v], 1))
+        return self._rows(self.prefix_k, self.own_k), self._rows(self.prefix_v, self.own_v)
+
+    def _dense(self, qn: int, H: int) -> bool:
+        """Whether to score against materialised keys: with long query runs, splitting and joining the
+        ``[rows, head, q, key]`` scores of prefix and own positions copies more than repeating the prefix does
+        (about ``2·H·q`` against ``4·n_kv·d_head`` elements per row and key)."""
+        p, s = self.prefix_k.shape[1], self.own_k.shape[1]
+        kv, d = self.prefix_k.shape[2:]
+        return bool(p and s and qn * H >= 2 * kv * d)
+
+    def _rows(self, prefix: Tensor, own: Tensor) -> Tensor:
+        return torch.cat([prefix.repeat(self.rows // prefix.shape[0], 1, 1, 1), own], 1)
+
+    @staticmethod
+    def _fold_scores(q: Tensor, k: Tensor) -> Tensor:
+        """``q [R, q, H, d]`` against ``k [R, key, n_kv, d]``, query heads folded into the query axis."""
+        R, qn, H, d = q.shape
+        kv = k.shape[2]
+        qo = q.reshape(R, qn, kv, H // kv, d).permute(0, 2, 3, 1, 4).reshape(R, kv, H // kv * qn, d)
+        return (qo @ k.permute(0, 2, 3, 1)).view(R, H, qn, k.shape[1])
+
+    @staticmethod
+    def _fold_mix(pattern: Tensor, v: Tensor) -> Tensor:
+        R, H, qn, n = pattern.shape
+        kv, d = v.shape[2:]
+        z = pattern.reshape(R, kv, H // kv * qn, n) @ v.permute(0, 2, 1, 3)  # [R, kv, g·q, d]
+        return z.view(R, kv, H // kv, qn, d).permute(0, 3, 1, 2, 4).reshape(R, qn, H, d)
 
     def scores(self, q: Float[Tensor, "rows q head d_head"]) -> Float[Tensor, "rows head q key"]:
         """``q · kᵀ`` against every key position (prefix first), without repeating the prefix."""
         R, qn, H, d = q.shape
         B, p, kv, _ = self.prefix_k.shape
         m, g, s = R // B, H // kv, self.own_k.shape[1]
+        if self._dense(qn, H):
+            return self._fold_scores(q, self._rows(self.prefix_k, self.own_k))
         parts = []
         if p:
             qf = q.reshape(m, B, qn, kv, g, d).permute(1, 3, 0, 4, 2, 5).reshape(B, kv, m * g * qn, d)
             sp = (qf @ self._kT).view(B, kv, m, g, qn, p)
             parts.append(sp.permute(2, 0, 1, 3, 4, 5).reshape(R, H, qn, p))
         if s:
-            qo = q.reshape(R, qn, kv, g, d).permute(0, 2, 3, 1, 4).reshape(R, kv, g * qn, d)
-            parts.append((qo @ self.own_k.permute(0, 2, 3, 1)).view(R, H, qn, s))
+            parts.append(self._fold_scores(q, self.own_k))
         return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
     def mix(self, pattern: Float[Tensor, "rows head q key"]) -> Float[Tensor, "rows q head d_head"]:
@@ -111,13 +136,14 @@ class SharedPrefixKV:
         R, H, qn, _ = pattern.shape
         B, p, kv, d = self.prefix_v.shape
         m, g, s = R // B, H // kv, self.own_v.shape[1]
+        if self._dense(qn, H):
+            return self._fold_mix(pattern, self._rows(self.prefix_v, self.own_v))
         z = None
         if p:
             pp = pattern[..., :p].reshape(m, B, kv, g, qn, p).permute(1, 2, 0, 3, 4, 5).reshape(B, kv, m * g * qn, p)
             z = (pp @ self._v).view(B, kv, m, g, qn, d).permute(2, 0, 4, 1, 3, 5).reshape(R, qn, H, d)
         if s:
-            po = pattern[..., p:].reshape(R, kv, g * qn, s)
-            zo = (po @ self.own_v.permute(0, 2, 1, 3)).view(R, kv, g, qn, d).permute(0, 3, 1, 2, 4).reshape(R, qn, H, d)
+            zo = self._fold_mix(pattern[..., p:], self.own_v)
             z = zo if z is None else z + zo
         assert z is not None, "attention over no key positions"
         return z

@@ -26,13 +26,15 @@ from modality_circuits.testing import (
 ATOL = 2e-5
 
 
-def test_scores_and_mix_equal_repeated_prefix_with_grouped_heads():
+@pytest.mark.parametrize("qn, dense", [(2, False), (8, True)])  # short query runs split scores, long ones don't
+def test_scores_and_mix_equal_repeated_prefix_with_grouped_heads(qn, dense):
     g = torch.Generator().manual_seed(0)
-    B, m, p, s, qn, kv, grp, d = 2, 3, 5, 4, 2, 2, 3, 8
+    B, m, p, s, kv, grp, d = 2, 3, 5, 4, 2, 3, 8
     R, H = m * B, kv * grp
     e = SharedPrefixKV(torch.randn(B, p, kv, d, generator=g), torch.randn(B, p, kv, d, generator=g), R)
     e.append(torch.randn(R, s, kv, d, generator=g), torch.randn(R, s, kv, d, generator=g))
     q = torch.randn(R, qn, H, d, generator=g)
+    assert e._dense(qn, H) == dense
     k, v = e.full()  # [R, p + s, kv, d]: prefix row r % B, config-major as Tensor.repeat
     assert torch.equal(k[B + 1, :p], e.prefix_k[1]) and k.shape == (R, p + s, kv, d)
     k_h, v_h = k.repeat_interleave(grp, 2), v.repeat_interleave(grp, 2)  # TransformerLens's grouped-query layout
