@@ -214,6 +214,28 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_task_weights(text: str | None) -> dict[str, float] | None:
+    """``'count=3,position=2'`` -> ``{'count': 3.0, 'position': 2.0}`` (tasks not named get weight 0); None stays."""
+    if text is None:
+        return None
+    from ..data.synthetic import TASKS, _task_probabilities
+
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value) if eq else float("nan")
+        except ValueError:
+            out[name.strip()] = float("nan")
+        if out[name.strip()] != out[name.strip()]:  # NaN: not TASK=NUMBER
+            raise ModalityCircuitsError(f"--task-weights: {part!r} is not TASK=WEIGHT (tasks: {', '.join(TASKS)}).")
+    try:
+        _task_probabilities(out)
+    except ValueError as e:
+        raise ModalityCircuitsError(f"--task-weights: {e}") from None
+    return out
+
+
 def cmd_train_smollava(args: argparse.Namespace) -> int:
     from ..base_lm import ensure_base
     from ..smollava.pipeline import train_and_card
@@ -228,7 +250,8 @@ def cmd_train_smollava(args: argparse.Namespace) -> int:
                                     "another --out.")
     t0 = time.time()
     cfg = SmolTrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train,
-                          distractors=args.distractors, vision_pool=args.vision_pool, align_steps=args.align_steps)
+                          distractors=args.distractors, vision_pool=args.vision_pool, align_steps=args.align_steps,
+                          task_weights=parse_task_weights(args.task_weights))
     side = train_and_card(ensure_base(), out, cfg, eval_n=args.eval_n, progress=not args.quiet)
     if not args.quiet:
         s, m, ppl = side["training"], side["metrics"], side["perplexity"]
@@ -395,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"how the stage-1a probes read the image tokens (default: {smol.vision_pool})")
     p.add_argument("--distractors", type=int, default=smol.distractors, choices=range(4), metavar="K",
                    help=f"distractor sentences per text context in the stage-2 data, 0-3 (default: {smol.distractors})")
+    p.add_argument("--task-weights", default=None, metavar="T=W,...",
+                   help="relative task frequencies in the stage-1b and stage-2 data, e.g. "
+                        "'color=1,shape=1,count=3,position=2' (default: uniform)")
     p.add_argument("--minutes", type=float, default=smol.max_minutes,
                    help=f"safety stop in minutes (default: {smol.max_minutes})")
     p.add_argument("--eval-n", type=int, default=200, metavar="N",

@@ -217,14 +217,33 @@ def synthetic(n: int = 200, seed: int = 0, kind: str = "conflict", follow: str |
 
 
 def mixture(n: int, seed: int, weights: dict[str, float] | None = None, image_size: int = 32,
-            distractors: int = 0) -> list[Sample]:
-    """A shuffled training mixture of kinds (default: 60% conflict, 15% consistent, 12.5% each probe)."""
+            distractors: int = 0, task_weights: dict[str, float] | None = None) -> list[Sample]:
+    """A shuffled training mixture of kinds (default: 60% conflict, 15% consistent, 12.5% each probe).
+
+    ``task_weights``: relative frequency of each task (keys: :data:`TASKS`); default uniform. With weights the
+    samples come from a different random stream than without, so the default mixture is unchanged.
+    """
     _check_distractors(distractors)
     weights = weights or {"conflict": 0.6, "consistent": 0.15, "image_probe": 0.125, "text_probe": 0.125}
+    p_task = _task_probabilities(task_weights)
     rng = np.random.default_rng(seed)
     kinds = rng.choice(list(weights), size=n, p=np.array(list(weights.values())) / sum(weights.values()))
-    return [make_sample(rng, kind=str(k), image_size=image_size, index=i, distractors=distractors)
+    return [make_sample(rng, kind=str(k), image_size=image_size, index=i, distractors=distractors,
+                        task=None if p_task is None else str(rng.choice(TASKS, p=p_task)))
             for i, k in enumerate(kinds)]
+
+
+def _task_probabilities(task_weights: dict[str, float] | None) -> np.ndarray | None:
+    """Task weights -> probabilities in :data:`TASKS` order; refuses unknown tasks and non-positive totals."""
+    if task_weights is None:
+        return None
+    unknown = sorted(set(task_weights) - set(TASKS))
+    if unknown:
+        raise ValueError(f"task_weights names unknown task(s) {unknown}; use {list(TASKS)}.")
+    w = np.array([float(task_weights.get(t, 0.0)) for t in TASKS])
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"task_weights must be non-negative with a positive total; got {task_weights}.")
+    return w / w.sum()
 
 
 def vocabulary() -> list[str]:

@@ -61,6 +61,8 @@ class SmolTrainConfig:
     weight_decay: float = 0.0
     #: how the stage-1a probes read the projected image tokens: ``flat`` (concatenated) or ``mean``
     vision_pool: str = "flat"
+    #: relative task frequencies in the stage-1b and stage-2 data (``data.synthetic.mixture``); None: uniform
+    task_weights: dict[str, float] | None = None
     # stage 1b: alignment through the frozen decoder
     align_samples: int = 1200
     align_steps: int = 200
@@ -90,6 +92,7 @@ class SmolTrainConfig:
         d["lora_targets"] = tuple(d["lora_targets"])
         d.setdefault("distractors", 0)  # configs recorded before the field existed trained without distractors
         d.setdefault("vision_pool", "flat")
+        d.setdefault("task_weights", None)
         return cls(**d)
 
 
@@ -157,6 +160,29 @@ def _fit(model: Any, data: list, groups: list[dict], steps: int, batch_size: int
             "first_loss": round(float(np.mean(losses[:10])), 4)}
 
 
+@torch.no_grad()
+def answer_accuracy(model: Any, data: list, tasks: list[str], pad_id: int, batch_size: int = 16) -> dict:
+    """Teacher-forced exact match of the answer tokens (+ EOS) per task: every labelled token is the argmax.
+
+    A cheap check of what the decoder reads between stages (no generation); ``tasks[i]`` is ``data[i]``'s task.
+    """
+    from ..toy.train import _collate
+
+    model.eval()
+    hits: list[bool] = []
+    for i in range(0, len(data), batch_size):
+        batch = _collate(data[i:i + batch_size], pad_id)
+        labels = batch["labels"]  # [batch, seq]
+        k = int((labels != -100).sum(1).max()) + 1
+        logits = model(**{n: v for n, v in batch.items() if n != "labels"}, logits_to_keep=k).logits  # [b, k, V]
+        tgt = labels[:, -k:][:, 1:]  # [batch, k - 1]
+        ok = (logits[:, :-1].argmax(-1) == tgt) | (tgt == -100)
+        hits += ok.all(1).tolist()
+    by_task = {t: round(float(np.mean([h for h, tt in zip(hits, tasks) if tt == t])), 3)
+               for t in TASKS if t in tasks}
+    return {"n": len(hits), "accuracy": round(float(np.mean(hits)), 3), "by_task": by_task}
+
+
 def train_smollava(base_dir: str | Path, cfg: SmolTrainConfig | None = None, progress: bool = True
                    ) -> tuple[dict[str, torch.Tensor], dict]:
     """Train the vision side and the LoRA adapters on the base in ``base_dir``.
@@ -209,12 +235,18 @@ def _train(base_dir: str | Path, cfg: SmolTrainConfig, progress: bool) -> tuple[
     logger.info("stage 1a: %s", summary["stage1_probes"])
 
     # stage 1b: alignment through the frozen decoder (image-only questions)
-    align = mixture(cfg.align_samples, seed=cfg.seed + 12, weights={"image_probe": 1.0}, image_size=size)
+    align = mixture(cfg.align_samples, seed=cfg.seed + 12, weights={"image_probe": 1.0}, image_size=size,
+                    task_weights=cfg.task_weights)
     data = encode_examples(align, tok, proc, tpi, template=template)
     summary["stage1_align"] = _fit(model, data, [{"params": vision_params, "base_lr": cfg.align_lr * 0.2},
                                                  {"params": projector_params, "base_lr": cfg.align_lr}],
                                    cfg.align_steps, cfg.align_batch, cfg.warmup, tok.pad_token_id, rng,
                                    "smollava 1b: alignment", progress, deadline)
+    # what the frozen decoder reads from the image after alignment: held-out image-only questions, all tasks alike
+    check = mixture(200, seed=cfg.seed + 15, weights={"image_probe": 1.0}, image_size=size)
+    summary["stage1_align"]["heldout"] = answer_accuracy(model, encode_examples(check, tok, proc, tpi,
+                                                                                template=template),
+                                                         [c.task for c in check], tok.pad_token_id)
     logger.info("stage 1b: %s", summary["stage1_align"])
 
     # stage 2: LoRA instruction tuning on the conflict mixture (vision tower frozen)
@@ -224,7 +256,8 @@ def _train(base_dir: str | Path, cfg: SmolTrainConfig, progress: bool) -> tuple[
     for p in projector_params:
         p.requires_grad_(True)
     lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
-    train = mixture(cfg.n_train, seed=cfg.seed + 13, image_size=size, distractors=cfg.distractors)
+    train = mixture(cfg.n_train, seed=cfg.seed + 13, image_size=size, distractors=cfg.distractors,
+                    task_weights=cfg.task_weights)
     data = encode_examples(train, tok, proc, tpi, template=template)
     summary["stage2"] = _fit(peft_model, data, [{"params": lora_params, "base_lr": cfg.lr},
                                                 {"params": projector_params, "base_lr": cfg.projector_lr}],
@@ -236,4 +269,4 @@ def _train(base_dir: str | Path, cfg: SmolTrainConfig, progress: bool) -> tuple[
     return extract_delta(peft_model, cfg), summary
 
 
-__all__ = ["LORA_TARGETS", "SmolTrainConfig", "answer_loss", "lora_config", "train_smollava"]
+__all__ = ["LORA_TARGETS", "SmolTrainConfig", "answer_accuracy", "answer_loss", "lora_config", "train_smollava"]

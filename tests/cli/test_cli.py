@@ -196,6 +196,15 @@ def test_negative_failed_pool_fails_before_any_work(toy_dir: Path, tmp_path: Pat
     assert not (tmp_path / "h").exists()
 
 
+@pytest.mark.parametrize("weights, message", [("count", "is not TASK=WEIGHT"), ("count=many", "is not TASK=WEIGHT"),
+                                             ("colour=1", "unknown task(s) ['colour']"), ("count=0", "positive total")])
+def test_bad_task_weights_fail_before_any_work(tmp_path: Path, weights: str, message: str,
+                                               capsys: pytest.CaptureFixture) -> None:
+    rc, _, err = run_cli(["train-smollava", "--out", str(tmp_path / "t"), "--quiet", "--task-weights", weights], capsys)
+    assert rc == 2 and message in one_error_line(err)
+    assert not (tmp_path / "t").exists()
+
+
 def test_report_of_missing_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc, _, err = run_cli(["report", str(tmp_path / "nothing")], capsys)
     assert rc == 2 and "results directory not found" in one_error_line(err)

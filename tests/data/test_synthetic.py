@@ -102,3 +102,26 @@ def test_tasks_balanced_with_distractors() -> None:
     s = synthetic(48, seed=2, distractors=1)
     assert {t: sum(x.task == t for x in s) for t in TASKS} == {t: 12 for t in TASKS}
     assert sum(x.follow == "image" for x in s) == 24
+
+
+def test_task_weights_shift_the_task_mix_and_leave_the_default_stream_alone() -> None:
+    """Weighted tasks come from their own draws: the default mixture is bit-identical to before the option, the
+    weighted one is seeded, follows the weights (count 3/7 here) and never draws a zero-weight task."""
+    default = mixture(200, seed=9)
+    assert _digest(default) == _digest(mixture(200, seed=9, task_weights=None))
+    w = {"color": 1, "shape": 0, "count": 3, "position": 3}
+    weighted = mixture(1400, seed=9, task_weights=w)
+    assert _digest(weighted) == _digest(mixture(1400, seed=9, task_weights=w))
+    share = {t: sum(s.task == t for s in weighted) / len(weighted) for t in TASKS}
+    assert share["shape"] == 0
+    assert abs(share["count"] - 3 / 7) < 0.04 and abs(share["color"] - 1 / 7) < 0.03
+    kinds = {s.kind for s in weighted}
+    assert kinds == {"conflict", "consistent", "image_probe", "text_probe"}
+
+
+@pytest.mark.parametrize("bad, match", [({"colour": 1.0}, "unknown task"), ({"count": -1.0}, "non-negative"),
+                                        ({"count": 0.0}, "positive total")])
+def test_bad_task_weights_are_refused(bad, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        mixture(4, seed=0, task_weights=bad)
+

@@ -40,6 +40,10 @@ def test_training_is_bitwise_reproducible_and_leaves_threads_alone(trained):
     assert sorted(again) == sorted(delta)
     assert all(torch.equal(again[k], delta[k]) for k in delta)
     assert summary["stage2"]["steps_done"] == TINY.steps and not summary["cut_short"]
+    # the decoder's read-out after alignment: held-out image-only questions, each task counted
+    held = summary["stage1_align"]["heldout"]
+    assert held["n"] == 200 and set(held["by_task"]) == {"color", "shape", "count", "position"}
+    assert all(0.0 <= v <= 1.0 for v in held["by_task"].values())
     # what is shipped: the whole vision side, one A/B pair per adapted projection of every layer, the <image> row
     n_lora = sum(k.startswith("lora.") for k in delta)
     assert n_lora == 2 * 2 * len(TINY.lora_targets)  # 2 layers × targets × (A, B)
@@ -84,8 +88,9 @@ def test_materialised_checkpoint_records_its_training_data(trained):
     out = D.materialise(path, cache=cache, download=False)
     assert checkpoint_data_spec(out) == {"distractors": TINY.distractors}
     old = TINY.to_dict()
-    del old["distractors"], old["vision_pool"]
+    del old["distractors"], old["vision_pool"], old["task_weights"]
     assert SmolTrainConfig.from_dict(old).distractors == 0
+    assert SmolTrainConfig.from_dict(old).task_weights is None
     assert SmolTrainConfig.from_dict(old).vision_pool == "flat"
     assert SmolTrainConfig.from_dict(TINY.to_dict()) == TINY
 
