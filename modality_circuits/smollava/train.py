@@ -11,11 +11,12 @@ The pretrained SmolLM2-135M-Instruct decoder stays frozen throughout; it is adap
       and one distractor sentence, but that run's conflict MFR fell to 0.54 / 0.825, so it is not the default)
       (:func:`~modality_circuits.toy.train.pretrain_vision`).
    b. Alignment: tower and projector are trained through the frozen decoder on image-only questions (image +
-      question + format sentence -> the attribute), the LLaVA stage-1 objective.
+      question + format sentence -> the attribute), the LLaVA stage-1 objective. Afterwards 200 held-out image-only
+      questions (all tasks alike) measure what the decoder reads (:func:`answer_accuracy`, in the summary).
 2. **Instruction tuning**: LoRA adapters of rank ``lora_rank`` on every attention and MLP projection of the decoder,
    plus the projector, on the synthetic mixture (60% conflict under both instructions, 15% consistent, 12.5% each
    single-modality probe), text contexts with ``distractors`` sentences about other attributes; the vision tower
-   is frozen.
+   is frozen. ``task_weights`` tilts the stage-1b and stage-2 data towards some tasks (default: uniform).
 
 The loss is the answer tokens + ``<|im_end|>`` only, on prompts built by the analyses' own prompt builder through
 the checkpoint's chat template, so training sees exactly the layout the analyses use. Logits are computed only at
