@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModalityCircuitsError
-from .options import _anchor_opts, _common, _head_opts, _knockout_opts, _scale_opts
+from .options import _anchor_opts, _common, _head_opts, _knockout_opts, _scale_opts, parse_task_weights
 from .run import (  # noqa: F401
     DEFAULT_MODEL,
     DTYPES,
@@ -212,28 +212,6 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
               f"{summary['final_loss']:.4f}; {accuracy_line(m)}")
         print(f"model + model card in {out}/ ({time.time() - t0:.0f} s)")
     return 0
-
-
-def parse_task_weights(text: str | None) -> dict[str, float] | None:
-    """``'count=3,position=2'`` -> ``{'count': 3.0, 'position': 2.0}`` (tasks not named get weight 0); None stays."""
-    if text is None:
-        return None
-    from ..data.synthetic import TASKS, _task_probabilities
-
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, value = part.partition("=")
-        try:
-            out[name.strip()] = float(value) if eq else float("nan")
-        except ValueError:
-            out[name.strip()] = float("nan")
-        if out[name.strip()] != out[name.strip()]:  # NaN: not TASK=NUMBER
-            raise ModalityCircuitsError(f"--task-weights: {part!r} is not TASK=WEIGHT (tasks: {', '.join(TASKS)}).")
-    try:
-        _task_probabilities(out)
-    except ValueError as e:
-        raise ModalityCircuitsError(f"--task-weights: {e}") from None
-    return out
 
 
 def cmd_train_smollava(args: argparse.Namespace) -> int:

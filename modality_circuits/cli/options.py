@@ -126,3 +126,26 @@ def _head_opts(p: argparse.ArgumentParser) -> None:
                         "the evaluation split's (default: 1000; 100 on models deeper than 8 layers; 0: the "
                         "evaluation split only)")
     g.add_argument("--top-heads", type=int, default=6, metavar="K", help="heads shown in attention views (default: 6)")
+
+
+def parse_task_weights(text: str | None) -> dict[str, float] | None:
+    """``'count=3,position=2'`` -> ``{'count': 3.0, 'position': 2.0}`` (tasks not named get weight 0); None stays."""
+    if text is None:
+        return None
+    from ..data.synthetic import TASKS, task_probabilities
+    from ..errors import ModalityCircuitsError
+
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ModalityCircuitsError(f"--task-weights: {part!r} is not TASK=WEIGHT (tasks: {', '.join(TASKS)}).") \
+                from None
+    try:
+        task_probabilities(out)
+    except ValueError as e:
+        raise ModalityCircuitsError(f"--task-weights: {e}") from None
+    return out
+

@@ -225,7 +225,7 @@ def mixture(n: int, seed: int, weights: dict[str, float] | None = None, image_si
     """
     _check_distractors(distractors)
     weights = weights or {"conflict": 0.6, "consistent": 0.15, "image_probe": 0.125, "text_probe": 0.125}
-    p_task = _task_probabilities(task_weights)
+    p_task = task_probabilities(task_weights)
     rng = np.random.default_rng(seed)
     kinds = rng.choice(list(weights), size=n, p=np.array(list(weights.values())) / sum(weights.values()))
     return [make_sample(rng, kind=str(k), image_size=image_size, index=i, distractors=distractors,
@@ -233,7 +233,7 @@ def mixture(n: int, seed: int, weights: dict[str, float] | None = None, image_si
             for i, k in enumerate(kinds)]
 
 
-def _task_probabilities(task_weights: dict[str, float] | None) -> np.ndarray | None:
+def task_probabilities(task_weights: dict[str, float] | None) -> np.ndarray | None:
     """Task weights -> probabilities in :data:`TASKS` order; refuses unknown tasks and non-positive totals."""
     if task_weights is None:
         return None

@@ -118,13 +118,18 @@ def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Answers sit at the end of every row, so only the last ``K + 1`` positions need logits (``logits_to_keep``),
     ``K`` being the longest answer: ``logits[:, t]`` predicts ``labels[:, t + 1]``.
     """
+    logits, tgt = _answer_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+                                             ignore_index=-100)
+
+
+def _answer_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [batch, K, vocab], targets [batch, K])`` of the last ``K`` positions, ``K`` the longest answer:
+    ``logits[:, t]`` predicts ``targets[:, t]`` (-100 where not labelled)."""
     labels = batch["labels"]  # [batch, seq]
     k = int((labels != -100).sum(1).max()) + 1
-    inputs = {n: v for n, v in batch.items() if n != "labels"}
-    logits = model(**inputs, logits_to_keep=k).logits  # [batch, k, vocab]
-    tgt = labels[:, -k:][:, 1:]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
-                                             ignore_index=-100)
+    logits = model(**{n: v for n, v in batch.items() if n != "labels"}, logits_to_keep=k).logits  # [batch, k, V]
+    return logits[:, :-1], labels[:, -k:][:, 1:]
 
 
 def _fit(model: Any, data: list, groups: list[dict], steps: int, batch_size: int, warmup: int, pad_id: int,
@@ -172,12 +177,8 @@ def answer_accuracy(model: Any, data: list, tasks: list[str], pad_id: int, batch
     model.eval()
     hits: list[bool] = []
     for i in range(0, len(data), batch_size):
-        batch = _collate(data[i:i + batch_size], pad_id)
-        labels = batch["labels"]  # [batch, seq]
-        k = int((labels != -100).sum(1).max()) + 1
-        logits = model(**{n: v for n, v in batch.items() if n != "labels"}, logits_to_keep=k).logits  # [b, k, V]
-        tgt = labels[:, -k:][:, 1:]  # [batch, k - 1]
-        ok = (logits[:, :-1].argmax(-1) == tgt) | (tgt == -100)
+        logits, tgt = _answer_logits(model, _collate(data[i:i + batch_size], pad_id))
+        ok = (logits.argmax(-1) == tgt) | (tgt == -100)
         hits += ok.all(1).tolist()
     by_task = {t: round(float(np.mean([h for h, tt in zip(hits, tasks) if tt == t])), 3)
                for t in TASKS if t in tasks}
