@@ -220,8 +220,8 @@ def cmd_train_smollava(args: argparse.Namespace) -> int:
     from ..smollava.train import SmolTrainConfig
 
     seed_everything(args.seed)
-    if args.steps < 1 or args.minutes <= 0 or args.n_train < 1 or args.align_steps < 1:
-        raise ModalityCircuitsError("--steps, --align-steps and --n-train must be >= 1 and --minutes > 0.")
+    if args.steps < 1 or args.minutes <= 0 or args.n_train < 1 or args.align_steps < 1 or not args.align_lr > 0:
+        raise ModalityCircuitsError("--steps, --align-steps and --n-train must be >= 1, --minutes and --align-lr > 0.")
     out = Path(args.out)
     if (out / "delta.safetensors").exists() and not args.overwrite:
         raise ModalityCircuitsError(f"{out / 'delta.safetensors'} exists; pass --overwrite to replace it or choose "
@@ -229,7 +229,7 @@ def cmd_train_smollava(args: argparse.Namespace) -> int:
     t0 = time.time()
     cfg = SmolTrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train,
                           distractors=args.distractors, vision_pool=args.vision_pool, align_steps=args.align_steps,
-                          task_weights=parse_task_weights(args.task_weights))
+                          align_lr=args.align_lr, task_weights=parse_task_weights(args.task_weights))
     side = train_and_card(ensure_base(), out, cfg, eval_n=args.eval_n, progress=not args.quiet)
     if not args.quiet:
         s, m, ppl = side["training"], side["metrics"], side["perplexity"]
@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"stage-2 training samples (default: {smol.n_train})")
     p.add_argument("--align-steps", type=int, default=smol.align_steps, metavar="N",
                    help=f"stage-1b alignment steps (default: {smol.align_steps})")
-    p.add_argument("--vision-pool", choices=("flat", "mean"), default=smol.vision_pool,
+    p.add_argument("--align-lr", type=float, default=smol.align_lr, help=f"stage-1b lr (default: {smol.align_lr})")
+    p.add_argument("--vision-pool", choices=("flat", "mean", "token"), default=smol.vision_pool,
                    help=f"how the stage-1a probes read the image tokens (default: {smol.vision_pool})")
     p.add_argument("--distractors", type=int, default=smol.distractors, choices=range(4), metavar="K",
                    help=f"distractor sentences per text context in the stage-2 data, 0-3 (default: {smol.distractors})")

@@ -64,7 +64,7 @@ def _row(m: dict, k: str) -> str:
     return f"| {k} | {v.get('accuracy', 'n/a')} | {v.get('failures', 'n/a')} | {open_txt} | {v.get('by_task', '')} |"
 
 
-_POOL = {"flat": "concatenated", "mean": "mean of the"}
+_POOL = {"flat": "concatenated", "mean": "mean of the", "token": "each of the"}
 
 
 def _heldout(s: dict) -> str:

@@ -60,7 +60,9 @@ class SmolTrainConfig:
     vision_pretrain_batch: int = 64
     vision_pretrain_lr: float = 2e-3
     weight_decay: float = 0.0
-    #: how the stage-1a probes read the projected image tokens: ``flat`` (concatenated) or ``mean``
+    #: how the stage-1a probes read the projected image tokens: ``flat`` (concatenated), ``mean`` or ``token``
+    #: (each token alone, so every token carries the whole scene: the decoder's attention, which averages whichever
+    #: tokens it picks, then still sees the count)
     vision_pool: str = "flat"
     #: relative task frequencies in the stage-1b and stage-2 data (``data.synthetic.mixture``); None: uniform
     task_weights: dict[str, float] | None = None

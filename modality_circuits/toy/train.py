@@ -95,6 +95,29 @@ def image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     return feats.view(pixel_values.shape[0], -1, feats.shape[-1])
 
 
+#: How :func:`pretrain_vision`'s probes read the projected image tokens.
+POOLS = ("mean", "flat", "token")
+
+
+def _pool(feats: torch.Tensor, pool: str) -> torch.Tensor:
+    """``feats [batch, image_tokens, d_model]`` -> the probes' input: ``[batch, d_model]`` (mean),
+    ``[batch, image_tokens * d_model]`` (flat) or ``feats`` itself (token)."""
+    return feats.mean(1) if pool == "mean" else feats.flatten(1) if pool == "flat" else feats
+
+
+def _readout(logits: torch.Tensor) -> torch.Tensor:
+    """``[batch, (image_tokens,) n_values]`` -> ``[batch, n_values]``: per-token logits averaged over the tokens."""
+    return logits.mean(1) if logits.dim() == 3 else logits
+
+
+def _probe_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits [batch, (image_tokens,) n_values]`` against ``labels [batch]`` (every token of a
+    per-token read-out against its image's label)."""
+    if logits.dim() == 3:
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1]))
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
 def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg: Any,
                     progress: bool = True, desc: str = "train-toy vision", pool: str = "mean",
                     heldout: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
@@ -102,16 +125,19 @@ def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg:
 
     ``pixels``: ``[n_images, 3, H, W]``; ``labels``: ``[n_images, n_tasks]``, the index of each task's value in
     ``VALUES[task]`` (tasks in ``TASKS`` order). One linear head per task reads the mean projected image token
-    (``pool="mean"``) or all of them concatenated (``pool="flat"``, which keeps where each token is);
-    the heads are discarded afterwards. ``cfg`` is any config with ``seed``, ``weight_decay`` and the
+    (``pool="mean"``), all of them concatenated (``pool="flat"``, which keeps where each token is), or every image
+    token on its own (``pool="token"``: the loss averaged over the tokens, so each token must carry the whole scene,
+    whichever tokens a reader attends to; predictions from the token-averaged logits); the heads are discarded
+    afterwards. ``cfg`` is any config with ``seed``, ``weight_decay`` and the
     ``vision_pretrain_{steps,batch,lr}`` fields (:class:`ToyConfig`, the SmolLLaVA training config).
     Returns the final mean loss and the training-set accuracy per task, and with ``heldout`` (pixels and labels
-    of images not trained on) the heads' held-out accuracy per task (``heldout_accuracy``).
+    of images not trained on) the heads' held-out accuracy per task (``heldout_accuracy``; for ``pool="token"`` also
+    ``heldout_token_accuracy``, the mean over single tokens read alone).
     """
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     d = model.config.text_config.hidden_size
-    if pool not in ("mean", "flat"):
-        raise ValueError(f"pool must be 'mean' or 'flat', got {pool!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     width = d * (image_features(model, pixels[:1]).shape[1] if pool == "flat" else 1)
     heads = torch.nn.ModuleList([torch.nn.Linear(width, len(VALUES[t])) for t in TASKS])
     params = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
@@ -125,9 +151,9 @@ def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg:
     for step in bar:
         idx = torch.randint(0, len(pixels), (min(cfg.vision_pretrain_batch, len(pixels)),), generator=gen)
         feats = image_features(model, pixels[idx])  # [batch, image_tokens, d_model]
-        pooled = feats.mean(1) if pool == "mean" else feats.flatten(1)  # [batch, d_model (× image_tokens)]
-        logits = [h(pooled) for h in heads]
-        loss = sum(torch.nn.functional.cross_entropy(lg, labels[idx, i]) for i, lg in enumerate(logits))
+        per_token = [h(_pool(feats, pool)) for h in heads]  # [batch, (image_tokens,) n_values] each
+        logits = [_readout(lg) for lg in per_token]  # [batch, n_values] each
+        loss = sum(_probe_loss(lg, labels[idx, i]) for i, lg in enumerate(per_token))
         for g in opt.param_groups:
             g["lr"] = cfg.vision_pretrain_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.zero_grad(set_to_none=True)
@@ -146,9 +172,13 @@ def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg:
         with torch.no_grad():
             hp, hl = heldout
             feats = torch.cat([image_features(model, hp[i:i + 256]) for i in range(0, len(hp), 256)])
-            pooled = feats.mean(1) if pool == "mean" else feats.flatten(1)
-            out["heldout_accuracy"] = {t: round(float((h(pooled).argmax(-1) == hl[:, i]).float().mean()), 4)
+            pooled = _pool(feats, pool)
+            out["heldout_accuracy"] = {t: round(float((_readout(h(pooled)).argmax(-1) == hl[:, i]).float().mean()), 4)
                                        for i, (t, h) in enumerate(zip(TASKS, heads))}
+            if pool == "token":  # how often a single image token, read alone, gives the answer
+                out["heldout_token_accuracy"] = {
+                    t: round(float((h(pooled).argmax(-1) == hl[:, i, None]).float().mean()), 4)
+                    for i, (t, h) in enumerate(zip(TASKS, heads))}
     return out
 
 

@@ -205,6 +205,14 @@ def test_bad_task_weights_fail_before_any_work(tmp_path: Path, weights: str, mes
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.parametrize("option", [["--align-lr", "0"], ["--align-steps", "0"]])
+def test_bad_training_numbers_fail_before_any_work(tmp_path: Path, option: list[str],
+                                                   capsys: pytest.CaptureFixture) -> None:
+    rc, _, err = run_cli(["train-smollava", "--out", str(tmp_path / "t"), "--quiet", *option], capsys)
+    assert rc == 2 and "--align-lr > 0" in one_error_line(err)
+    assert not (tmp_path / "t").exists()
+
+
 def test_report_of_missing_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc, _, err = run_cli(["report", str(tmp_path / "nothing")], capsys)
     assert rc == 2 and "results directory not found" in one_error_line(err)

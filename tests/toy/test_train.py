@@ -49,6 +49,26 @@ def test_vision_pretraining_learns_colour() -> None:
     assert set(out["train_accuracy"]) == set(TASKS)
 
 
+def test_per_token_probes_make_every_token_carry_the_scene() -> None:
+    """``pool="token"``: one head reads each image token alone, so after training a single token gives the colour
+    (chance 1/6); the held-out accuracies are reported both token-averaged and per single token."""
+    torch.manual_seed(0)
+    cfg = ToyConfig(**{**TINY, "vision_pretrain_steps": 150, "vision_pretrain_batch": 64})
+    model = toy_llava(word_level_tokenizer(), cfg)
+    pixels, labels = scene_batch(256, 1)
+    out = pretrain_vision(model, pixels, labels, cfg, progress=False, pool="token", heldout=scene_batch(128, 2))
+    assert set(out["heldout_accuracy"]) == set(out["heldout_token_accuracy"]) == set(TASKS)
+    assert out["train_accuracy"]["color"] > 0.6 and out["heldout_token_accuracy"]["color"] > 0.5, out
+
+
+def test_unknown_pool_is_refused() -> None:
+    cfg = ToyConfig(**TINY)
+    model = toy_llava(word_level_tokenizer(), cfg)
+    pixels, labels = scene_batch(4, 0)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        pretrain_vision(model, pixels, labels, cfg, progress=False, pool="max")
+
+
 @pytest.mark.parametrize("freeze", [True, False])
 def test_stage_two_freezes_the_vision_tower(tmp_path, freeze: bool) -> None:
     """With ``freeze_vision`` the saved vision tower is exactly the stage-1 one (here: the seeded init)."""
