@@ -64,7 +64,7 @@ def _row(m: dict, k: str) -> str:
     return f"| {k} | {v.get('accuracy', 'n/a')} | {v.get('failures', 'n/a')} | {open_txt} | {v.get('by_task', '')} |"
 
 
-_POOL = {"flat": "concatenated", "mean": "mean of the", "token": "each of the"}
+_POOL = {"flat": "the concatenated", "mean": "the mean of the", "token": "each of the"}
 
 
 def _heldout(s: dict) -> str:
@@ -125,7 +125,7 @@ base (`W + alpha/rank · B A`, fp32) and writes a plain LLaVA checkpoint into th
 ## Training (`modality-circuits train-smollava`, seed {cfg['seed']}, {s.get('torch_threads', '?')} CPU threads, \
 {s['train_minutes']} min)
 
-1. vision side, decoder frozen: (a) attribute probes on the {_POOL[cfg.get('vision_pool', 'flat')]} projected image
+1. vision side, decoder frozen: (a) attribute probes on {_POOL[cfg.get('vision_pool', 'flat')]} projected image
    tokens, {cfg['vision_pretrain_steps']} steps × {cfg['vision_pretrain_batch']} images (training accuracy at the end
    {s['stage1_probes']['train_accuracy']}{_heldout(s)});
    (b) alignment through the frozen decoder on image-only questions,
