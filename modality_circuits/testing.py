@@ -341,8 +341,9 @@ def hf_knockout_mask(batch: Any, src: Any, dst: Any, allow_empty: bool = False) 
 
 class DiesOnce:
     """Fault injection for executor tests: calls the function ``target`` (``"module:name"``, looked up in the worker),
-    except that the first call in any process (while the file ``marker`` does not exist) creates the marker and
-    kills that process (``os._exit``: a worker lost mid-unit)."""
+    except that the first call in any process creates the file ``marker`` and kills that process (``os._exit``: a
+    worker lost mid-unit). The marker is created atomically (``O_EXCL``), so of two workers starting at once exactly
+    one dies."""
 
     def __init__(self, target: str, marker: str):
         self.target, self.marker = target, marker
@@ -350,10 +351,14 @@ class DiesOnce:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         import importlib
         import os
-        from pathlib import Path
 
-        if not Path(self.marker).exists():
-            Path(self.marker).write_text("died")
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass  # another process already died: run the unit
+        else:
+            os.write(fd, b"died")
+            os.close(fd)
             os._exit(1)
         module, name = self.target.split(":")
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
