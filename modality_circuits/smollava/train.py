@@ -10,7 +10,8 @@ The pretrained SmolLM2-135M-Instruct decoder stays frozen throughout; it is adap
       accuracy 0.875 vs 0.71 in a 200-sample check, and 0.96 vs 0.91 after full training with 300 alignment steps
       and one distractor sentence, but that run's conflict MFR fell to 0.54 / 0.825, so it is not the default;
       ``"token"`` reads every token alone, which with ``align_lr=2e-3`` lifted the decoder's count read-out after
-      stage 1b from 0.47 to 0.71) (:func:`~modality_circuits.toy.train.pretrain_vision`).
+      stage 1b from 0.47 to 0.71; at the default lr only to 0.56)
+      (:func:`~modality_circuits.toy.train.pretrain_vision`).
    b. Alignment: tower and projector are trained through the frozen decoder on image-only questions (image +
       question + format sentence -> the attribute), the LLaVA stage-1 objective. Afterwards 200 held-out image-only
       questions (all tasks alike) measure what the decoder reads (:func:`answer_accuracy`, in the summary).
