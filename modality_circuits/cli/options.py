@@ -148,4 +148,3 @@ def parse_task_weights(text: str | None) -> dict[str, float] | None:
     except ValueError as e:
         raise ModalityCircuitsError(f"--task-weights: {e}") from None
     return out
-

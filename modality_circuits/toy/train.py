@@ -151,7 +151,8 @@ def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, cfg:
     for step in bar:
         idx = torch.randint(0, len(pixels), (min(cfg.vision_pretrain_batch, len(pixels)),), generator=gen)
         feats = image_features(model, pixels[idx])  # [batch, image_tokens, d_model]
-        per_token = [h(_pool(feats, pool)) for h in heads]  # [batch, (image_tokens,) n_values] each
+        pooled = _pool(feats, pool)
+        per_token = [h(pooled) for h in heads]  # [batch, (image_tokens,) n_values] each
         logits = [_readout(lg) for lg in per_token]  # [batch, n_values] each
         loss = sum(_probe_loss(lg, labels[idx, i]) for i, lg in enumerate(per_token))
         for g in opt.param_groups:
