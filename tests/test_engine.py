@@ -65,6 +65,23 @@ def test_engine_equals_applied_for_every_intervention(circuit_model, mbatch, cle
     assert float((run(circuit_model, clean, cfgs, metric, prefix=False) - got).abs().max()) < ATOL
 
 
+def test_knockout_recomputes_from_the_first_query_that_sees_its_source(circuit_model, mbatch, clean):
+    """Attention is causal: a destination wholly before its source changes nothing, and a destination spread over
+    the prompt (a random stand-in) starts the recomputation at its first query after the source; the prefix-cached
+    numbers still equal a forward from layer 0."""
+    sp = mbatch.spans
+    backward = Knockout("instruction", "context", [0, 1])  # every context token precedes the instruction
+    spread = Knockout("context", ["system", "question"], [0, 1])  # the system prompt precedes the context
+    scaled = ScaleAttention([(0, 1), (1, 2)], 4.0, src="context", dst=["system", "question"])
+    assert backward.first_position(mbatch) == mbatch.seq_len
+    assert spread.first_position(mbatch) == scaled.first_position(mbatch) == sp.first("question") > sp.first("system")
+    cfgs = [(), backward, spread, scaled]
+    got = run(circuit_model, clean, cfgs, "p_binary")
+    assert torch.equal(got[1], got[0])
+    assert (got[2:] - got[0]).abs().amax(1).min() > 1e-4
+    assert float((run(circuit_model, clean, cfgs, "p_binary", prefix=False) - got).abs().max()) < ATOL
+
+
 def test_callable_metric_sees_full_length_logits(circuit_model, mbatch, clean):
     seen = []
 

@@ -22,6 +22,7 @@ from ..errors import InterventionError
 
 if TYPE_CHECKING:
     from ..models.hooked_mllm import HookedMLLM
+    from ..spans import GroupSpec, Spans
 
 
 def align_rows(t: Tensor, n_rows: int) -> Tensor:
@@ -61,6 +62,26 @@ def align_positions(mask: Tensor, n_rows: int, q_len: int, offset: int = 0) -> T
     m = align_rows(mask, n_rows)
     m = align_pos(m, offset + q_len, dim=1)
     return m.narrow(1, offset, q_len)
+
+
+def first_query_seeing(spans: Spans, src: GroupSpec, dst: GroupSpec) -> int:
+    """The first position of a ``dst`` query that can attend to a ``src`` key, over the batch (``seq_len`` if none
+    can): where an edit of ``dst → src`` attention (knockout, scaling) can first change anything.
+
+    Attention is causal, so a query before its row's first ``src`` key has nothing to change; bidirectional
+    image blocks (Gemma 3) are the one exception, so where ``src`` holds image tokens the row's first image token
+    is the bound instead. A destination spread over the prompt (a random stand-in) thus starts the engine's
+    recomputation at its first query after the source, not at its first position.
+    """
+    s = spans.resolve(src, allow_empty=True)  # [batch, pos]
+    d = spans.resolve(dst, allow_empty=True)  # [batch, pos]
+    n = spans.seq_len
+    start = torch.where(s.any(1), s.int().argmax(1), n)  # [batch]: first source key (argmax: first True)
+    if "image" in spans:
+        img = spans.mask("image", allow_empty=True)
+        start = torch.where((s & img).any(1), img.int().argmax(1), start)
+    hit = (d & (torch.arange(n)[None, :] >= start[:, None])).any(0).nonzero().flatten()
+    return int(hit[0]) if len(hit) else n
 
 
 def check_layers(model: HookedMLLM, layers: Sequence[int] | int) -> list[int]:

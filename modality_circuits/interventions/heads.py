@@ -31,7 +31,7 @@ from ..models.forward_state import ForwardState
 from ..prompts import MLLMBatch
 from ..spans import GroupSpec, check_group_spec
 from .base import HookFn, Intervention, apply, config_hooks
-from .core import align_mask, align_positions, check_heads, check_layers
+from .core import align_mask, align_positions, check_heads, check_layers, first_query_seeing
 from .knockout import edge_mask
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ class ScaleAttention(Intervention):
         return min(normalize_heads(model, self.heads), default=model.cfg.n_layers)
 
     def first_position(self, batch: MLLMBatch) -> int:
-        return batch.spans.first(self.dst)
+        return first_query_seeing(batch.spans, self.src, self.dst)
 
     def hooks(self, model: HookedMLLM, batch: MLLMBatch) -> list[tuple[str, HookFn]]:
         m = edge_mask(batch.spans, self.src, self.dst)

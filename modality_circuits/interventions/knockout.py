@@ -27,7 +27,7 @@ from ..models.forward_state import ForwardState
 from ..prompts import MLLMBatch
 from ..spans import GroupSpec, Spans, check_group_spec
 from .base import HookFn, Intervention, apply
-from .core import align_mask, check_heads, check_layers
+from .core import align_mask, check_heads, check_layers, first_query_seeing
 
 if TYPE_CHECKING:
     from ..models.hooked_mllm import HookedMLLM
@@ -91,7 +91,7 @@ class Knockout(Intervention):
         return min(check_layers(model, self.layers), default=model.cfg.n_layers)
 
     def first_position(self, batch: MLLMBatch) -> int:
-        return batch.spans.first(self.dst)
+        return first_query_seeing(batch.spans, self.src, self.dst)
 
     def hooks(self, model: HookedMLLM, batch: MLLMBatch) -> list[tuple[str, HookFn]]:
         layers = check_layers(model, self.layers)

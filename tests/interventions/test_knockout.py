@@ -12,7 +12,14 @@ import torch
 
 from modality_circuits.errors import InterventionError, SpanError
 from modality_circuits.interventions import edge_mask, knockout, layer_window, mask_scores
-from modality_circuits.interventions.core import align_mask, align_positions, align_rows, check_heads, check_layers
+from modality_circuits.interventions.core import (
+    align_mask,
+    align_positions,
+    align_rows,
+    check_heads,
+    check_layers,
+    first_query_seeing,
+)
 from modality_circuits.spans import Spans
 
 
@@ -56,6 +63,24 @@ def test_knockout_zeroes_masked_pairs_and_renormalises():
     torch.testing.assert_close(ko, torch.where(keep, clean / left, torch.zeros_like(clean)))
     # rows of queries outside dst are untouched
     assert torch.equal(ko[:, :, :3], clean[:, :, :3])
+
+
+def test_first_query_seeing_the_source():
+    """Where an edit of dst → src attention can first change anything: causal, except inside image blocks."""
+    spans = toy_spans()  # 0 bos, 1-2 image, 3-4 instruction, 5 last
+    assert first_query_seeing(spans, "image", ["instruction", "last"]) == 3
+    assert first_query_seeing(spans, "bos", ["image", "last"]) == 1
+    assert first_query_seeing(spans, "instruction", ["bos", "last"]) == 5  # bos comes before every source key
+    assert first_query_seeing(spans, "instruction", "image") == 6  # nothing can change: the sequence length
+    assert first_query_seeing(spans, "context", "last") == 6  # an empty source
+    late, early = torch.zeros(2, 6, dtype=torch.bool), torch.zeros(2, 6, dtype=torch.bool)
+    late[:, 2], early[:, 1] = True, True
+    assert first_query_seeing(spans, late, early) == 1  # an image block may look ahead: bounded by its first token
+    assert first_query_seeing(spans, late, "bos") == 6
+    # rows differ (padding): the earliest row decides
+    rows = Spans({"image": torch.tensor([[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]).bool(),
+                  "instruction": torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 1, 0]]).bool()})
+    assert first_query_seeing(rows, "image", "instruction") == 2
 
 
 def test_knockout_of_an_empty_group_changes_nothing():

@@ -150,11 +150,14 @@ def test_engine_prefix_never_splits_an_image_block(pair):
     assert model.prefix_boundary(batch, p0) == int(batch.spans.mask("image.0")[row].nonzero().min()) < p0
     assert model.prefix_boundary(batch, int(batch.spans.first("question"))) == int(batch.spans.first("question"))
     clean = CleanRun.record(model, batch)
-    configs = [Knockout(half, "image.0", [1, 2]), Knockout("question", "last", 2)]
+    ahead = Knockout(half, batch.spans.mask("image.0") & ~half, [1, 2])  # keys only the block makes visible
+    assert ahead.first_position(batch) == batch.spans.first("image.0")
+    configs = [Knockout(half, "image.0", [1, 2]), Knockout("question", "last", 2), ahead]
     metric = as_metric("logit_diff", answers=[("blue", "red")] * len(batch))
     cached = run(model, clean, configs, metric, prefix=True)
     plain = run(model, clean, configs, metric, prefix=False)
     assert (cached - plain).abs().max() < 1e-5
+    assert (cached[2] - run(model, clean, [()], metric)[0]).abs().max() > 1e-4
 
 
 def test_pan_and_scan_crops_follow_the_hf_processor():
