@@ -80,7 +80,7 @@ def first_query_seeing(spans: Spans, src: GroupSpec, dst: GroupSpec) -> int:
     if "image" in spans:
         img = spans.mask("image", allow_empty=True)
         start = torch.where((s & img).any(1), img.int().argmax(1), start)
-    hit = (d & (torch.arange(n)[None, :] >= start[:, None])).any(0).nonzero().flatten()
+    hit = (d & (torch.arange(n, device=d.device)[None, :] >= start[:, None])).any(0).nonzero().flatten()
     return int(hit[0]) if len(hit) else n
 
 
