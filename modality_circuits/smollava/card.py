@@ -103,6 +103,16 @@ def targets(side: dict) -> list[tuple[str, str, Any, bool]]:
     return rows
 
 
+def recreate_command(cfg: dict) -> str:
+    """The ``train-smollava`` command line that re-creates a delta trained with ``cfg`` (every option spelled out,
+    so it stays right when the defaults change)."""
+    return (f"modality-circuits train-smollava --out DIR --seed {cfg['seed']} --vision-pool "
+            f"{cfg.get('vision_pool', 'flat')} --align-lr {cfg['align_lr']:g} --align-steps {cfg['align_steps']} "
+            f"--steps {cfg['steps']} --n-train {cfg['n_train']} --distractors {cfg.get('distractors', 0)}"
+            + ("" if not cfg.get("task_weights") else
+               " --task-weights " + ",".join(f"{k}={v:g}" for k, v in cfg["task_weights"].items())))
+
+
 def write_card(out_dir: Path, side: dict) -> Path:
     """``README.md`` (the model card) from the delta's sidecar (training summary, measurements, evaluation)."""
     s, m = side["training"], side.get("metrics", {})
@@ -164,7 +174,7 @@ sentence(s) per text context (`modality-circuits evaluate`).
 | --- | --- | --- | --- |
 {chr(10).join(f"| {t} | {r} | {v} | {'yes' if ok else '**no**'} |" for t, r, v, ok in targets(side))}
 
-Re-create with `modality-circuits train-smollava --out DIR --seed {cfg['seed']}`.
+Re-create with `{recreate_command(cfg)}`.
 """
     path = Path(out_dir) / "README.md"
     path.write_text(text)

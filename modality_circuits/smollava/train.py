@@ -56,7 +56,7 @@ class SmolTrainConfig:
     vision: VisionSpec = field(default_factory=VisionSpec)
     #: extra context sentences about other attributes in the stage-2 data (``data.synthetic.context_sentence``)
     distractors: int = 0
-    # stage 1a: attribute probes on the mean projected image token
+    # stage 1a: attribute probes on the projected image tokens (read as ``vision_pool`` says)
     n_images: int = 4000
     vision_pretrain_steps: int = 1500
     vision_pretrain_batch: int = 64
@@ -65,17 +65,17 @@ class SmolTrainConfig:
     #: how the stage-1a probes read the projected image tokens: ``flat`` (concatenated), ``mean`` or ``token``
     #: (each token alone, so every token carries the whole scene: the decoder's attention, which averages whichever
     #: tokens it picks, then still sees the count)
-    vision_pool: str = "flat"
+    vision_pool: str = "token"
     #: relative task frequencies in the stage-1b and stage-2 data (``data.synthetic.mixture``); None: uniform
     task_weights: dict[str, float] | None = None
     # stage 1b: alignment through the frozen decoder
     align_samples: int = 1200
-    align_steps: int = 200
+    align_steps: int = 400
     align_batch: int = 8
-    align_lr: float = 5e-4
+    align_lr: float = 2e-3
     # stage 2: LoRA instruction tuning
     n_train: int = 4000
-    steps: int = 400
+    steps: int = 350
     batch_size: int = 8
     lr: float = 5e-4
     projector_lr: float = 1e-4
