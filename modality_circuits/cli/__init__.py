@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModalityCircuitsError
-from .options import _anchor_opts, _common, _head_opts, _knockout_opts, _scale_opts, parse_task_weights
+from .options import _anchor_opts, _common, _head_opts, _knockout_opts, _scale_opts, smol_train_config
 from .run import (  # noqa: F401
     DEFAULT_MODEL,
     DTYPES,
@@ -217,8 +217,6 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
 def cmd_train_smollava(args: argparse.Namespace) -> int:
     from ..base_lm import ensure_base
     from ..smollava.pipeline import train_and_card
-    from ..smollava.train import SmolTrainConfig
-
     seed_everything(args.seed)
     if args.steps < 1 or args.minutes <= 0 or args.n_train < 1 or args.align_steps < 1 or not args.align_lr > 0:
         raise ModalityCircuitsError("--steps, --align-steps and --n-train must be >= 1, --minutes and --align-lr > 0.")
@@ -227,9 +225,7 @@ def cmd_train_smollava(args: argparse.Namespace) -> int:
         raise ModalityCircuitsError(f"{out / 'delta.safetensors'} exists; pass --overwrite to replace it or choose "
                                     "another --out.")
     t0 = time.time()
-    cfg = SmolTrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train,
-                          distractors=args.distractors, vision_pool=args.vision_pool, align_steps=args.align_steps,
-                          align_lr=args.align_lr, task_weights=parse_task_weights(args.task_weights))
+    cfg = smol_train_config(args)
     side = train_and_card(ensure_base(), out, cfg, eval_n=args.eval_n, progress=not args.quiet)
     if not args.quiet:
         s, m, ppl = side["training"], side["metrics"], side["perplexity"]

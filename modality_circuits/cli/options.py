@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from .run import DTYPES, HEAD_METHODS
+
+if TYPE_CHECKING:
+    from ..smollava.train import SmolTrainConfig
 
 
 def _common(p: argparse.ArgumentParser, n_help: str, seed_help: str = "random seed (default: 0)") -> None:
@@ -148,3 +152,12 @@ def parse_task_weights(text: str | None) -> dict[str, float] | None:
     except ValueError as e:
         raise ModalityCircuitsError(f"--task-weights: {e}") from None
     return out
+
+
+def smol_train_config(args: argparse.Namespace) -> SmolTrainConfig:
+    """The :class:`~modality_circuits.smollava.train.SmolTrainConfig` of parsed ``train-smollava`` options."""
+    from ..smollava.train import SmolTrainConfig
+
+    return SmolTrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train,
+                           distractors=args.distractors, vision_pool=args.vision_pool, align_steps=args.align_steps,
+                           align_lr=args.align_lr, task_weights=parse_task_weights(args.task_weights))

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from modality_circuits.cli import build_parser
-from modality_circuits.cli.options import parse_task_weights
+from modality_circuits.cli.options import smol_train_config
 from modality_circuits.smollava import delta as D
 from modality_circuits.smollava.card import recreate_command
 from modality_circuits.smollava.train import SmolTrainConfig
@@ -26,10 +26,7 @@ def _parsed(cfg: dict) -> SmolTrainConfig:
     """The config ``train-smollava`` builds from the card's command (the CLI's own mapping of its options)."""
     argv = shlex.split(recreate_command(cfg))
     assert argv[:2] == ["modality-circuits", "train-smollava"]
-    a = build_parser().parse_args(argv[1:])
-    return SmolTrainConfig(seed=a.seed, steps=a.steps, max_minutes=a.minutes, n_train=a.n_train,
-                           distractors=a.distractors, vision_pool=a.vision_pool, align_steps=a.align_steps,
-                           align_lr=a.align_lr, task_weights=parse_task_weights(a.task_weights))
+    return smol_train_config(build_parser().parse_args(argv[1:]))
 
 
 def test_the_shipped_cards_command_recreates_the_shipped_config():
