@@ -103,14 +103,38 @@ def targets(side: dict) -> list[tuple[str, str, Any, bool]]:
     return rows
 
 
+#: ``SmolTrainConfig`` fields that ``train-smollava`` sets from its options (``cli.options.smol_train_config``)
+CLI_FIELDS = ("seed", "steps", "max_minutes", "n_train", "distractors", "vision_pool", "align_steps", "align_lr",
+              "task_weights")
+
+
 def recreate_command(cfg: dict) -> str:
     """The ``train-smollava`` command line that re-creates a delta trained with ``cfg`` (every option spelled out,
-    so it stays right when the defaults change)."""
-    return (f"modality-circuits train-smollava --out DIR --seed {cfg['seed']} --vision-pool "
-            f"{cfg.get('vision_pool', 'flat')} --align-lr {cfg['align_lr']:g} --align-steps {cfg['align_steps']} "
-            f"--steps {cfg['steps']} --n-train {cfg['n_train']} --distractors {cfg.get('distractors', 0)}"
-            + ("" if not cfg.get("task_weights") else
-               " --task-weights " + ",".join(f"{k}={v:g}" for k, v in cfg["task_weights"].items())))
+    so it stays right when the defaults change; the safety stop only where it differs from the default)."""
+    from .train import SmolTrainConfig
+
+    cmd = (f"modality-circuits train-smollava --out DIR --seed {cfg['seed']} --vision-pool "
+           f"{cfg.get('vision_pool', 'flat')} --align-lr {cfg['align_lr']:g} --align-steps {cfg['align_steps']} "
+           f"--steps {cfg['steps']} --n-train {cfg['n_train']} --distractors {cfg.get('distractors', 0)}")
+    if cfg.get("task_weights"):
+        cmd += " --task-weights " + ",".join(f"{k}={v:g}" for k, v in cfg["task_weights"].items())
+    if cfg["max_minutes"] != SmolTrainConfig.max_minutes:
+        cmd += f" --minutes {cfg['max_minutes']:g}"
+    return cmd
+
+
+def settings_without_option(cfg: dict) -> dict:
+    """The recorded settings no ``train-smollava`` option sets that differ from ``SmolTrainConfig``'s defaults
+    (set in Python to re-create the delta; the card names them next to the command)."""
+    from .train import SmolTrainConfig
+
+    default = SmolTrainConfig().to_dict()
+    return {k: v for k, v in cfg.items() if k not in CLI_FIELDS and v != default.get(k)}
+
+
+def _python_only(cfg: dict) -> str:
+    extra = settings_without_option(cfg)
+    return "" if not extra else f", with these `SmolTrainConfig` settings set in Python (no option sets them): {extra}"
 
 
 def write_card(out_dir: Path, side: dict) -> Path:
@@ -174,7 +198,7 @@ sentence(s) per text context (`modality-circuits evaluate`).
 | --- | --- | --- | --- |
 {chr(10).join(f"| {t} | {r} | {v} | {'yes' if ok else '**no**'} |" for t, r, v, ok in targets(side))}
 
-Re-create with `{recreate_command(cfg)}`.
+Re-create with `{recreate_command(cfg)}`{_python_only(cfg)}.
 """
     path = Path(out_dir) / "README.md"
     path.write_text(text)

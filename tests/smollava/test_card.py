@@ -11,7 +11,7 @@ import pytest
 from modality_circuits.cli import build_parser
 from modality_circuits.cli.options import smol_train_config
 from modality_circuits.smollava import delta as D
-from modality_circuits.smollava.card import recreate_command
+from modality_circuits.smollava.card import recreate_command, settings_without_option
 from modality_circuits.smollava.train import SmolTrainConfig
 
 
@@ -40,7 +40,15 @@ def test_the_shipped_cards_command_recreates_the_shipped_config():
     {"vision_pool": "mean", "align_steps": 300, "distractors": 1, "steps": 500},
     {"vision_pool": "flat", "align_lr": 5e-4, "n_train": 3000, "seed": 3},
     {"task_weights": {"color": 1.0, "shape": 1.0, "count": 3.0, "position": 2.0}},
+    {"max_minutes": 70.0},
 ])
 def test_the_command_spells_out_options_that_differ_from_the_defaults(changes):
     cfg = replace(SmolTrainConfig(), **changes)
     assert _parsed(cfg.to_dict()) == cfg
+
+
+def test_settings_no_option_sets_are_named_not_dropped():
+    assert settings_without_option(SmolTrainConfig().to_dict()) == {}
+    assert settings_without_option(_shipped_config()) == {}
+    cfg = replace(SmolTrainConfig(), lora_rank=4, lr=1e-3, steps=10).to_dict()
+    assert settings_without_option(cfg) == {"lora_rank": 4, "lr": 1e-3}
