@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
     p.set_defaults(func=cmd_train_toy)
 
-    from ..smollava.train import SmolTrainConfig  # the train-smollava defaults come from it
+    from ..smollava.train import SmolTrainConfig, format_task_weights  # the train-smollava defaults come from it
 
     smol = SmolTrainConfig()
     p = sub.add_parser("train-smollava", help="train SmolLLaVA (the real-LM default) and write its delta + model card",
@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"distractor sentences per text context in the stage-2 data, 0-3 (default: {smol.distractors})")
     p.add_argument("--task-weights", default=None, metavar="T=W,...",
                    help="relative task frequencies in the stage-1b and stage-2 data, e.g. "
-                        "'color=1,shape=1,count=3,position=2' (default: uniform)")
+                        "'color=1,shape=1,count=3,position=2', or 'uniform' (default: "
+                        f"{format_task_weights(smol.task_weights)})")
     p.add_argument("--minutes", type=float, default=smol.max_minutes,
                    help=f"safety stop in minutes (default: {smol.max_minutes})")
     p.add_argument("--eval-n", type=int, default=200, metavar="N",

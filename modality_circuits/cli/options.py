@@ -132,9 +132,10 @@ def _head_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-heads", type=int, default=6, metavar="K", help="heads shown in attention views (default: 6)")
 
 
-def parse_task_weights(text: str | None) -> dict[str, float] | None:
-    """``'count=3,position=2'`` -> ``{'count': 3.0, 'position': 2.0}`` (tasks not named get weight 0); None stays."""
-    if text is None:
+def parse_task_weights(text: str) -> dict[str, float] | None:
+    """``'count=3,position=2'`` -> ``{'count': 3.0, 'position': 2.0}`` (tasks not named get weight 0);
+    ``'uniform'`` -> None (every task alike). The inverse of :func:`~..smollava.train.format_task_weights`."""
+    if text.strip() == "uniform":
         return None
     from ..data.synthetic import TASKS, task_probabilities
     from ..errors import ModalityCircuitsError
@@ -145,8 +146,8 @@ def parse_task_weights(text: str | None) -> dict[str, float] | None:
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise ModalityCircuitsError(f"--task-weights: {part!r} is not TASK=WEIGHT (tasks: {', '.join(TASKS)}).") \
-                from None
+            raise ModalityCircuitsError(f"--task-weights: {part!r} is not TASK=WEIGHT (tasks: {', '.join(TASKS)}; "
+                                        "or 'uniform').") from None
     try:
         task_probabilities(out)
     except ValueError as e:
@@ -158,6 +159,7 @@ def smol_train_config(args: argparse.Namespace) -> SmolTrainConfig:
     """The :class:`~modality_circuits.smollava.train.SmolTrainConfig` of parsed ``train-smollava`` options."""
     from ..smollava.train import SmolTrainConfig
 
+    extra = {} if args.task_weights is None else {"task_weights": parse_task_weights(args.task_weights)}
     return SmolTrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.minutes, n_train=args.n_train,
                            distractors=args.distractors, vision_pool=args.vision_pool, align_steps=args.align_steps,
-                           align_lr=args.align_lr, task_weights=parse_task_weights(args.task_weights))
+                           align_lr=args.align_lr, **extra)

@@ -111,13 +111,12 @@ CLI_FIELDS = ("seed", "steps", "max_minutes", "n_train", "distractors", "vision_
 def recreate_command(cfg: dict) -> str:
     """The ``train-smollava`` command line that re-creates a delta trained with ``cfg`` (every option spelled out,
     so it stays right when the defaults change; the safety stop only where it differs from the default)."""
-    from .train import SmolTrainConfig
+    from .train import SmolTrainConfig, format_task_weights
 
     cmd = (f"modality-circuits train-smollava --out DIR --seed {cfg['seed']} --vision-pool "
            f"{cfg.get('vision_pool', 'flat')} --align-lr {cfg['align_lr']:g} --align-steps {cfg['align_steps']} "
            f"--steps {cfg['steps']} --n-train {cfg['n_train']} --distractors {cfg.get('distractors', 0)}")
-    if cfg.get("task_weights"):
-        cmd += " --task-weights " + ",".join(f"{k}={v:g}" for k, v in cfg["task_weights"].items())
+    cmd += f" --task-weights {format_task_weights(cfg.get('task_weights'))}"
     if cfg["max_minutes"] != SmolTrainConfig.max_minutes:
         cmd += f" --minutes {cfg['max_minutes']:g}"
     return cmd
