@@ -40,7 +40,7 @@ def test_the_shipped_cards_command_recreates_the_shipped_config():
     {"vision_pool": "mean", "align_steps": 300, "distractors": 1, "steps": 500},
     {"vision_pool": "flat", "align_lr": 5e-4, "n_train": 3000, "seed": 3},
     {"task_weights": {"color": 1.0, "shape": 1.0, "count": 3.0, "position": 2.0}},
-    {"task_weights": None},  # uniform, as runs 1-9 trained: spelled `--task-weights uniform`
+    {"task_weights": None},  # uniform, as runs 1-3 and 5-8 trained: spelled `--task-weights uniform`
     {"max_minutes": 70.0},
 ])
 def test_the_command_spells_out_options_that_differ_from_the_defaults(changes):
