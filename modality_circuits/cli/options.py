@@ -134,7 +134,8 @@ def _head_opts(p: argparse.ArgumentParser) -> None:
 
 def parse_task_weights(text: str) -> dict[str, float] | None:
     """``'count=3,position=2'`` -> ``{'count': 3.0, 'position': 2.0}`` (tasks not named get weight 0);
-    ``'uniform'`` -> None (every task alike). The inverse of :func:`~modality_circuits.smollava.train.format_task_weights`."""
+    ``'uniform'`` -> None (every task alike). The inverse of
+    :func:`~modality_circuits.smollava.train.format_task_weights`."""
     if text.strip() == "uniform":
         return None
     from ..data.synthetic import TASKS, task_probabilities
